@@ -226,8 +226,24 @@ def _is_seg_nrrd(path: Path) -> bool:
     return path.name.lower().endswith(".seg.nrrd")
 
 
-def read_image(path) -> Volume:
-    """Read a 3D scalar image: NIfTI, NRRD, MHA/MHD, or a folder holding one DICOM series."""
+# Largest volume read (voxels): ~4 GB as float32 frames, beyond what a 24 GB workstation runs models on.
+MAX_VOXELS = 1024 * 1024 * 1024
+
+
+def _check_voxel_count(path, size, max_voxels) -> None:
+    voxels = int(np.prod([int(s) for s in size]))
+    if max_voxels is not None and voxels > max_voxels:
+        raise InputError(
+            f"{path} has {voxels:,} voxels ({' x '.join(map(str, size))}), more than the limit of {max_voxels:,}; "
+            "crop or downsample it first"
+        )
+
+
+def read_image(path, max_voxels: Optional[int] = MAX_VOXELS) -> Volume:
+    """Read a 3D scalar image: NIfTI, NRRD, MHA/MHD, or a folder holding one DICOM series.
+
+    The header is read first, and volumes over `max_voxels` are refused before their voxels are loaded.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}")
@@ -239,10 +255,16 @@ def read_image(path) -> Volume:
                 raise InputError(f"no DICOM series in folder {path}")
             if len(series) > 1:
                 raise InputError(f"{len(series)} DICOM series in {path}; point to a folder with one series")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
             image = reader.Execute()
+            _check_voxel_count(path, image.GetSize(), max_voxels)
         else:
-            image = sitk.ReadImage(str(path))
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()  # header only: refuse oversized volumes before loading them
+            _check_voxel_count(path, reader.GetSize(), max_voxels)
+            image = reader.Execute()
     except RuntimeError as error:
         reason = str(error).strip().splitlines()
         raise InputError(f"cannot read {path}: {reason[-1] if reason else 'unknown error'}") from error

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real ACDC data beside the repository, small synthetic volumes."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ACDC = REPO.parent / "shared" / "data" / "acdc"
+
+
+def pytest_configure(config):
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def acdc() -> Path:
+    if not (ACDC / "labels.json").is_file():
+        pytest.skip(f"shared ACDC data not found at {ACDC}")
+    return ACDC
+
+
+def oblique_direction(angle_degrees: float = 25.0, tilt_degrees: float = 10.0) -> np.ndarray:
+    """A proper rotation (det +1) that is neither identity nor axis-aligned."""
+    a, t = np.radians(angle_degrees), np.radians(tilt_degrees)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    return rz @ rx
