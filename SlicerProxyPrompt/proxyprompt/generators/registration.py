@@ -1,0 +1,63 @@
+"""`registration`: the reference label(s) registered onto the target (classic atlas segmentation).
+
+With model `none` the warped labels are the result (works with no GPU and no weights: the baseline every
+other generator must beat). With a model, they become per-slice prompts: a mask prior, a box per slice,
+and the slice range where each structure is expected (the stopping rule of propagation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..frames import bounding_box
+from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
+
+
+def plan_from_label_stack(label_stack: np.ndarray, labels, box_margin: int = 0) -> dict:
+    """ObjectPrompts (prior, per-slice boxes, slice range) from a label stack [N, H, W] on the target frames."""
+    objects = {}
+    for value in labels:
+        mask = label_stack == value
+        present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+        prompt = ObjectPrompt(label=int(value), prior=mask.astype(np.float32))
+        if present.size:
+            prompt.frame_range = (int(present[0]), int(present[-1]))
+            for frame in present:
+                prompt.boxes[int(frame)] = bounding_box(mask[frame], box_margin)
+        objects[int(value)] = prompt
+    return objects
+
+
+@register_generator
+class RegistrationGenerator(Generator):
+    name = "registration"
+    description = "reference labels registered onto the target (SimpleITK); a prior for any model, or the result"
+    needs_training = False
+
+    def plan(self, context: GeneratorContext) -> PromptPlan:
+        from ..registration import segment_by_registration
+
+        options = context.options
+        pairs = [(reference.image, reference.label) for reference in context.references]
+        progress = context.progress
+
+        def report(fraction, message=""):
+            if progress is not None:
+                progress("register", int(round(100 * fraction)), 100)
+
+        fused, info = segment_by_registration(
+            pairs,
+            context.target_image,
+            method=options.get("registration_method", "deformable"),
+            fusion=options.get("fusion", "vote"),
+            top_k=options.get("top_k"),
+            cleanup=True,
+            cancel=context.cancel,
+            progress=report,
+        )
+        label_stack = context.target_frames.labels(fused)
+        plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels))
+        plan.notes.append(
+            f"registration ({options.get('registration_method', 'deformable')}) of {len(pairs)} reference(s)"
+        )
+        return plan

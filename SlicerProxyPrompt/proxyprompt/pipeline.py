@@ -1,0 +1,271 @@
+"""The engine's one entry point: reference case(s) + target image -> label volume on the target grid.
+
+    engine = Engine(model="litemedsam")
+    result = engine.segment([reference], target_image, generator="registration", progress=..., cancel=...)
+    result.label            # Volume on the target's exact grid
+    engine.segment(..., corrections=Corrections(...))   # re-run: cached image features are reused
+
+Flow (data moves one way): frames -> generator -> PromptPlan -> model.propagate -> probabilities ->
+label map (threshold, overlap by highest probability, per-structure cleanup) -> corrected slices copied
+in unchanged -> back to the target grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import Cancelled, InputError
+from .frames import SliceStack, make_slice_stack
+from .generators.base import Corrections, GeneratorContext, ReferenceCase, get_generator
+from .volume import LabelTable, Volume
+
+log = logging.getLogger("proxyprompt")
+
+ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
+
+# Largest target the engine accepts: frames are held as float32 plus model features per slice.
+MAX_TARGET_VOXELS = 512 * 512 * 1024
+
+
+class CancelToken:
+    """Set from another thread (or the Slicer UI) to stop a run; the engine checks it between slices."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+def check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled by the user")
+
+
+@dataclass(eq=False)
+class SegmentationResult:
+    label: Volume  # on the target's exact grid
+    table: LabelTable
+    probabilities: Optional[Dict[int, Volume]]
+    timings: Dict[str, float]
+    info: Dict[str, object] = field(default_factory=dict)
+
+
+def validate_reference(reference: ReferenceCase, index: int = 0) -> None:
+    if not reference.label.same_grid(reference.image):
+        raise InputError(
+            f"reference label {index + 1} is not on its image's grid: label {reference.label.describe_grid()}, "
+            f"image {reference.image.describe_grid()}"
+        )
+    if not np.any(reference.label.array):
+        raise InputError(f"reference label {index + 1} is empty: nothing to segment")
+
+
+def validate_target(target_image: Volume) -> None:
+    voxels = int(np.prod(target_image.array.shape))
+    if voxels > MAX_TARGET_VOXELS:
+        raise InputError(
+            f"target has {voxels:,} voxels, more than the {MAX_TARGET_VOXELS:,} this engine holds in memory; "
+            "crop it to the region of interest first"
+        )
+    if min(target_image.array.shape) < 2 and max(target_image.array.shape) > 1:
+        pass  # a single-slice 3D volume is allowed (one frame)
+
+
+def choose_labels(references: Sequence[ReferenceCase], labels: Optional[Sequence[int]]) -> List[int]:
+    present = set()
+    for reference in references:
+        present |= {int(v) for v in np.unique(reference.label.array) if v != 0}
+    if labels is None:
+        return sorted(present)
+    missing = sorted(set(int(v) for v in labels) - present)
+    if missing:
+        raise InputError(
+            f"--labels names {', '.join(map(str, missing))}, which the reference lacks "
+            f"(it has {', '.join(map(str, sorted(present)))})"
+        )
+    return sorted(set(int(v) for v in labels))
+
+
+def compose_labels(probabilities: Dict[int, np.ndarray], threshold: float = 0.5) -> np.ndarray:
+    """Per voxel: the label with the highest probability among those above the threshold, else 0."""
+    labels = sorted(probabilities)
+    if not labels:
+        raise ValueError("no probabilities to compose")
+    stacked = np.stack([probabilities[v] for v in labels])  # [L, N, H, W]
+    best = np.argmax(stacked, axis=0)
+    above = np.take_along_axis(stacked, best[None], axis=0)[0] > threshold
+    values = np.asarray(labels, dtype=np.uint16)[best]
+    return np.where(above, values, 0).astype(np.uint16)
+
+
+def keep_largest_components(label_stack: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Per label, keep its largest 3D connected component (SimpleITK); other voxels of it become 0."""
+    import SimpleITK as sitk
+
+    result = label_stack.copy()
+    for value in labels:
+        mask = label_stack == value
+        if not mask.any():
+            continue
+        components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+        largest = sitk.GetArrayFromImage(components) == 1
+        result[mask & ~largest] = 0
+    return result
+
+
+class Engine:
+    """Holds one model (and its cached image features) across runs, as the Slicer module's process does."""
+
+    def __init__(self, model: str = "none", checkpoint: Optional[str] = None, device: str = "auto",
+                 image_size: Optional[int] = None) -> None:
+        from .models.base import load_model
+        from .models.registry import get_model_spec
+
+        self.model_spec = get_model_spec(model)
+        self.model = load_model(model, checkpoint=checkpoint, device=device, image_size=image_size)
+        self.device = self.model.device if self.model is not None else "cpu"
+        self._frames_cache: Dict[tuple, SliceStack] = {}
+
+    @property
+    def model_name(self) -> str:
+        return self.model_spec.name
+
+    def default_generator(self) -> str:
+        return "registration" if self.model is None else "support-memory"
+
+    def _frames(self, target_image: Volume, axis: Optional[int]) -> SliceStack:
+        key = (id(target_image), axis)
+        if key not in self._frames_cache:
+            self._frames_cache.clear()
+            self._frames_cache[key] = make_slice_stack(target_image, axis)
+        return self._frames_cache[key]
+
+    def segment(
+        self,
+        references: Sequence[ReferenceCase],
+        target_image: Volume,
+        generator: Optional[str] = None,
+        labels: Optional[Sequence[int]] = None,
+        slice_axis: Optional[int] = None,
+        corrections: Optional[Volume] = None,
+        corrected_slices: Optional[Sequence[int]] = None,
+        cleanup: bool = True,
+        return_probabilities: bool = False,
+        options: Optional[dict] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel=None,
+    ) -> SegmentationResult:
+        started = time.perf_counter()
+        timings: Dict[str, float] = {}
+        if not references:
+            raise InputError("at least one reference case is needed")
+        for index, reference in enumerate(references):
+            validate_reference(reference, index)
+        validate_target(target_image)
+        label_values = choose_labels(references, labels)
+        generator_name = generator or self.default_generator()
+        plugin = get_generator(generator_name)
+
+        tick = time.perf_counter()
+        frames = self._frames(target_image, slice_axis)
+        correction_plan = self._corrections(corrections, corrected_slices, frames)
+        timings["frames"] = time.perf_counter() - tick
+        check_cancel(cancel)
+
+        if self.model is not None:
+            tick = time.perf_counter()
+            self.model.features(frames, progress=progress, cancel=cancel)
+            timings["encode"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        context = GeneratorContext(
+            references=list(references), target_image=target_image, target_frames=frames, labels=label_values,
+            model=self.model, options=dict(options or {}), progress=progress, cancel=cancel,
+        )
+        plan = plugin.plan(context)
+        timings["prompts"] = time.perf_counter() - tick
+        check_cancel(cancel)
+
+        tick = time.perf_counter()
+        if self.model is None:
+            missing = [v for v in label_values if plan.objects.get(v) is None or plan.objects[v].prior is None]
+            if missing:
+                raise InputError(f"generator '{generator_name}' gives no mask prior, so it needs a model (not 'none')")
+            probabilities = {v: plan.objects[v].prior for v in label_values}
+        else:
+            probabilities = self.model.propagate(frames, plan, correction_plan, progress=progress, cancel=cancel)
+        timings["propagate"] = time.perf_counter() - tick
+        check_cancel(cancel)
+
+        tick = time.perf_counter()
+        label_stack = compose_labels(probabilities)
+        if cleanup:
+            label_stack = keep_largest_components(label_stack, label_values)
+        if correction_plan is not None:
+            for frame in correction_plan.frames:
+                label_stack[frame] = correction_plan.labels[frame]
+        label_volume = frames.to_volume(label_stack)
+        probability_volumes = None
+        if return_probabilities:
+            probability_volumes = {v: frames.to_volume(p.astype(np.float32)) for v, p in probabilities.items()}
+        timings["write_back"] = time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - started
+
+        table = {}
+        for reference in references:
+            for value, info in reference.table.items():
+                table.setdefault(value, info)
+        table = {v: table[v] for v in label_values if v in table}
+        info = {
+            "generator": plugin.name,
+            "model": self.model_name,
+            "device": self.device,
+            "random_weights": bool(self.model is not None and self.model.is_random),
+            "slices": frames.num_slices,
+            "slice_axis": frames.axis,
+            "labels": label_values,
+            "corrected_slices": correction_plan.frames if correction_plan else [],
+            "notes": list(plan.notes),
+        }
+        if self.model is not None:
+            info["encoder_calls"] = self.model.encoder_calls
+        return SegmentationResult(label_volume, table, probability_volumes, timings, info)
+
+    @staticmethod
+    def _corrections(corrections: Optional[Volume], corrected_slices, frames: SliceStack) -> Optional[Corrections]:
+        if corrections is None:
+            if corrected_slices:
+                raise InputError("--corrected-slices needs --corrections")
+            return None
+        if not corrections.same_grid(frames.volume):
+            raise InputError(
+                f"corrections must be on the target's grid: corrections {corrections.describe_grid()}, "
+                f"target {frames.volume.describe_grid()}"
+            )
+        stack = frames.labels(corrections)
+        if corrected_slices is None:
+            corrected_slices = [int(n) for n in np.flatnonzero(stack.reshape(stack.shape[0], -1).any(axis=1))]
+            if not corrected_slices:
+                raise InputError("the corrections labelmap is empty: no corrected slice")
+        return Corrections(np.ascontiguousarray(stack), list(corrected_slices))
+
+
+def segment(references: Sequence[ReferenceCase], target_image: Volume, model: str = "none",
+            checkpoint: Optional[str] = None, device: str = "auto", image_size: Optional[int] = None,
+            **kwargs) -> SegmentationResult:
+    """One-off run (builds an Engine). Keep an `Engine` to reuse the model and features across runs."""
+    return Engine(model, checkpoint, device, image_size).segment(references, target_image, **kwargs)
