@@ -1,0 +1,563 @@
+"""SAM 2 over a target's slices as a video, from in-memory tensors, with cached image features.
+
+What differs from the stock `SAM2VideoPredictor` workflow (JPEG folder, one object at a time):
+
+* Frames come from our `SliceStack` (one windowing rule per volume, float precision): replicated to 3
+  channels, resized to S x S, ImageNet mean/std, exactly what `sam2.utils.misc.load_video_frames` does
+  after reading a JPEG, minus the 8-bit round trip.
+* Image features (backbone outputs) of every target slice are computed once (`_encode`, batched) and
+  cached by the target's fingerprint; support (reference) slices are encoded once too, in their own
+  cache keyed by their content. `_InMemoryVideoPredictor._get_image_feature` serves them to sam2, so a
+  propagation never re-encodes a cached frame (a re-run after corrections costs memory attention and
+  decoding only).
+* The video is [support slices] + [target slices]; every label of the plan is one object of the same run.
+  Each support slice is a conditioning frame (`add_new_mask` with its reference mask, SGP / FS-MedSAM2
+  style); for each target frame only the `plan.support_top_k` support slices most similar to it (cosine of
+  pooled image embeddings) are attended (see `_InMemoryVideoPredictor._prepare_memory_conditioned_features`).
+* Corrections: each corrected slice is a conditioning frame with its exact mask per label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import Cancelled, InputError
+from .base import SliceModel, select_device
+
+log = logging.getLogger("proxyprompt")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_SEED = 0
+SUPPORT_CACHE_SLICES = 256  # support slices whose features are kept (LRU)
+GPU_FEATURE_BUDGET_BYTES = 4 << 30  # above this, cached features of a target live in CPU memory
+
+_PREDICTOR_TARGET = "proxyprompt.models.sam2_model._InMemoryVideoPredictor"
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def preprocess_slices(images: np.ndarray, image_size: int):
+    """[N, H, W] float in [0, 1] -> [N, 3, S, S] float32 tensor, as SAM 2 expects (bilinear resize to
+    S x S without keeping the aspect ratio, like `load_video_frames`; ImageNet mean/std)."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]  # [N, 1, H, W]
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    x = x.clamp(0.0, 1.0).expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[None, :, None, None]
+    return ((x - mean) / std).contiguous()
+
+
+class _LazyFrames:
+    """`inference_state["images"]`: indexable like sam2's [N, 3, S, S] tensor, built per frame on demand
+    (sam2 only reads it on a feature-cache miss, which our cache avoids), so no copy of the video is held."""
+
+    def __init__(self, images: np.ndarray, image_size: int) -> None:
+        self._images = images
+        self._image_size = image_size
+
+    def __len__(self) -> int:
+        return int(self._images.shape[0])
+
+    def __getitem__(self, index: int):
+        return preprocess_slices(self._images[index : index + 1], self._image_size)[0]
+
+
+class FrameFeatures:
+    """Backbone outputs of a stack of frames, computed once.
+
+    fpn: list of per-level tensors [N, C_l, H_l, W_l] (level 0/1 already projected by the SAM decoder's
+    conv_s0/conv_s1, as `forward_image` does); pos: per-level positional encodings [1, C_l, H_l, W_l]
+    (identical for every frame); embeddings: [N, D] pooled L2-normalised top-level features.
+    """
+
+    def __init__(self, fpn, pos, embeddings: np.ndarray) -> None:
+        self.fpn = fpn
+        self.pos = pos
+        self.embeddings = embeddings
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.fpn[0].shape[0])
+
+    def backbone_out(self, index: int, device):
+        return {
+            "backbone_fpn": [level[index : index + 1].to(device, non_blocking=True).float() for level in self.fpn],
+            "vision_pos_enc": [p.to(device, non_blocking=True) for p in self.pos],
+        }
+
+    def nbytes(self) -> int:
+        return int(sum(level.numel() * level.element_size() for level in self.fpn))
+
+
+def _pool_embeddings(top_level) -> np.ndarray:
+    """[B, C, h, w] -> [B, C] spatially mean-pooled, L2-normalised (float64 numpy)."""
+    pooled = top_level.float().mean(dim=(2, 3)).double().cpu().numpy()
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return pooled / np.maximum(norms, 1e-12)
+
+
+def _make_predictor_class():
+    """Defined lazily so that importing this module does not import torch / sam2."""
+    torch = _torch()
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+    class InMemoryVideoPredictor(SAM2VideoPredictor):
+        """SAM2VideoPredictor fed from in-memory tensors and from a precomputed feature store."""
+
+        @torch.inference_mode()
+        def init_state_from_features(
+            self,
+            frame_features: List["FrameFeatures"],
+            frame_images: np.ndarray,
+            video_height: int,
+            video_width: int,
+            offload_state_to_cpu: bool = False,
+        ):
+            """The inference state of sam2 1.1.0's `init_state`, from frames already in memory.
+
+            frame_features: FrameFeatures blocks whose frames, concatenated, are the video's frames;
+            frame_images: [N, H, W] windowed slices of the same video (only read on a cache miss).
+            """
+            compute_device = self.device
+            state = {}
+            state["images"] = _LazyFrames(frame_images, self.image_size)
+            state["num_frames"] = len(state["images"])
+            state["offload_video_to_cpu"] = True  # frames are never held on the device
+            state["offload_state_to_cpu"] = offload_state_to_cpu
+            state["video_height"] = int(video_height)
+            state["video_width"] = int(video_width)
+            state["device"] = compute_device
+            state["storage_device"] = torch.device("cpu") if offload_state_to_cpu else compute_device
+            state["point_inputs_per_obj"] = {}
+            state["mask_inputs_per_obj"] = {}
+            state["cached_features"] = {}
+            state["constants"] = {}
+            state["obj_id_to_idx"] = OrderedDict()
+            state["obj_idx_to_id"] = OrderedDict()
+            state["obj_ids"] = []
+            state["output_dict_per_obj"] = {}
+            state["temp_output_dict_per_obj"] = {}
+            state["frames_tracked_per_obj"] = {}
+            # ours: video frame -> (FrameFeatures, row) for the precomputed features
+            lookup = {}
+            for block in frame_features:
+                for row in range(block.num_frames):
+                    lookup[len(lookup)] = (block, row)
+            if len(lookup) != state["num_frames"]:
+                raise ValueError("feature blocks and frames disagree in length")
+            state["feature_lookup"] = lookup
+            state["encoder_misses"] = 0
+            return state
+
+        def _get_image_feature(self, inference_state, frame_idx, batch_size):
+            """Features from our store (never re-encoded); sam2's own path only on a miss."""
+            lookup = inference_state.get("feature_lookup", {})
+            if frame_idx in lookup:
+                block, row = lookup[frame_idx]
+                backbone_out = block.backbone_out(row, inference_state["device"])
+                image = None  # the pixel tensor is not used by any caller in sam2 1.1.0
+            else:
+                cached = inference_state["cached_features"].get(frame_idx)
+                if cached is None:
+                    image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
+                    backbone_out = self.forward_image(image)
+                    inference_state["cached_features"] = {frame_idx: (image, backbone_out)}
+                    inference_state["encoder_misses"] = inference_state.get("encoder_misses", 0) + 1
+                else:
+                    image, backbone_out = cached
+            expanded = {
+                "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
+                "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
+            }
+            features = self._prepare_backbone_features(expanded)
+            expanded_image = image.expand(batch_size, -1, -1, -1) if image is not None else None
+            return (expanded_image,) + features
+
+        def _prepare_memory_conditioned_features(self, frame_idx, is_init_cond_frame, current_vision_feats,
+                                                 current_vision_pos_embeds, feat_sizes, output_dict, num_frames,
+                                                 track_in_reverse=False):
+            """Per-frame choice of the conditioning memories (support-memory, SGP style).
+
+            sam2 attends to ALL conditioning frames of `output_dict["cond_frame_outputs"]` (all with
+            temporal slot 0), and an unselected conditioning frame that happens to lie among the last 6
+            frames in the tracking direction is used as an ordinary memory. When `cond_selection` is set
+            (by `Sam2Model.propagate`), the frame being tracked sees a *view* of the output dict whose
+            conditioning outputs are restricted to `cond_selection[frame_idx]` = its top-k most similar
+            support slices plus every conditioning frame of the target itself (prompts, corrections).
+            The non-conditioning memories (the previous 6 tracked target frames) and the object-pointer
+            rules are sam2's own; removed supports cannot leak back in as "recent" memories because the
+            view does not contain them at all. Nothing is copied (the view shares the stored outputs).
+            """
+            selection = getattr(self, "_active_selection", None)
+            if selection is not None and not is_init_cond_frame and frame_idx in selection:
+                allowed = selection[frame_idx]
+                cond = {t: out for t, out in output_dict["cond_frame_outputs"].items() if t in allowed}
+                if cond:
+                    output_dict = {
+                        "cond_frame_outputs": cond,
+                        "non_cond_frame_outputs": output_dict["non_cond_frame_outputs"],
+                    }
+            return super()._prepare_memory_conditioned_features(
+                frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+                output_dict, num_frames, track_in_reverse,
+            )
+
+    return InMemoryVideoPredictor
+
+
+_PREDICTOR_CLASS = None
+
+
+def __getattr__(name):  # module attribute used as the hydra `_target_` of the predictor
+    global _PREDICTOR_CLASS
+    if name == "_InMemoryVideoPredictor":
+        if _PREDICTOR_CLASS is None:
+            _PREDICTOR_CLASS = _make_predictor_class()
+        return _PREDICTOR_CLASS
+    raise AttributeError(name)
+
+
+def hydra_overrides(image_size: int) -> List[str]:
+    """Overrides for `build`: our predictor class, sam2's video post-processing, optional 512 px."""
+    overrides = [
+        f"++model._target_={_PREDICTOR_TARGET}",
+        "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+        "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+        "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+        "++model.binarize_mask_from_pts_for_mem_enc=true",
+        "++model.fill_hole_area=8",
+    ]
+    if image_size != 1024:
+        side = image_size // 16
+        overrides += [
+            f"++model.image_size={image_size}",
+            f"++model.memory_attention.layer.self_attention.feat_sizes=[{side},{side}]",
+            f"++model.memory_attention.layer.cross_attention.feat_sizes=[{side},{side}]",
+        ]
+    return overrides
+
+
+def build_predictor(config: str, checkpoint: Optional[Path], device: str, image_size: int, seed: int = RANDOM_SEED):
+    """Instantiate the SAM 2 video predictor (our subclass) from its hydra config; load the checkpoint
+    ourselves with `torch.load(weights_only=True)`; no checkpoint: random weights from a fixed seed."""
+    torch = _torch()
+    import sam2  # noqa: F401  (registers the hydra config module)
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose(config_name=config, overrides=hydra_overrides(image_size))
+    OmegaConf.resolve(cfg)
+    devices = [device] if device == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = instantiate(cfg.model, _recursive_=True)
+    if checkpoint is not None:
+        loaded = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
+        state_dict = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise InputError(
+                f"checkpoint {checkpoint} does not fit {config}: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected keys (e.g. {(list(missing) + list(unexpected))[:3]})"
+            )
+    try:  # sam2 skips hole filling (with a warning per call) when its CUDA extension is missing
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        model.fill_hole_area = 0
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+class Sam2Model(SliceModel):
+    """SAM 2 / 2.1 video predictor over a target's slices (see the module docstring)."""
+
+    def __init__(self, spec, checkpoint=None, device: str = "auto", image_size: Optional[int] = None,
+                 encode_batch: Optional[int] = None) -> None:
+        super().__init__()
+        torch = _torch()
+        self.spec = spec
+        self.name = spec.name
+        self.family = spec.family
+        self.is_random = spec.family == "random"
+        self.image_size = int(image_size or spec.image_size or 1024)
+        if self.image_size not in (512, 1024):
+            raise InputError(f"--image-size must be 1024 or 512 for SAM 2 models, got {self.image_size}")
+        self.device = select_device(device)
+        if self.is_random:
+            if checkpoint is not None:
+                raise InputError("model 'random' uses no checkpoint; drop --checkpoint or pick a SAM 2 model")
+            checkpoint_path = None
+        else:
+            from .registry import resolve_checkpoint
+
+            checkpoint_path = Path(resolve_checkpoint(spec, checkpoint))
+        self.checkpoint = checkpoint_path
+        config = spec.config or "configs/sam2.1/sam2.1_hiera_t.yaml"
+        self.predictor = build_predictor(config, checkpoint_path, self.device, self.image_size)
+        self.encode_batch = int(encode_batch or (8 if self.device == "cuda" else 2))
+        self._support_cache: "OrderedDict[str, FrameFeatures]" = OrderedDict()
+        self._last_run: Dict[str, object] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def _autocast(self):
+        torch = _torch()
+        if self.device == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _encode_images(self, images: np.ndarray, progress=None, cancel=None, phase="encode") -> FrameFeatures:
+        """Backbone outputs of [N, H, W] slices, batched; counts `encoder_calls`."""
+        torch = _torch()
+        count = int(images.shape[0])
+        levels, pos, pooled = None, None, []
+        offload = self.device != "cpu"
+        for start in range(0, count, self.encode_batch):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled by the user")
+            chunk = preprocess_slices(images[start : start + self.encode_batch], self.image_size).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                out = self.predictor.forward_image(chunk)
+            fpn = [level.float() for level in out["backbone_fpn"]]
+            if levels is None:
+                per_frame = sum(level[0].numel() * 4 for level in fpn)
+                keep_on_device = offload and per_frame * count <= GPU_FEATURE_BUDGET_BYTES
+                store = self.device if keep_on_device else "cpu"
+                levels = [torch.empty((count,) + tuple(level.shape[1:]), dtype=torch.float32, device=store)
+                          for level in fpn]
+                pos = [p[0:1].float().to(store) for p in out["vision_pos_enc"]]
+            for level, value in zip(levels, fpn):
+                level[start : start + value.shape[0]] = value.to(level.device)
+            pooled.append(_pool_embeddings(fpn[-1]))
+            self.encoder_calls += int(chunk.shape[0])
+            if progress is not None:
+                progress(phase, min(start + self.encode_batch, count), count)
+        return FrameFeatures(levels, pos, np.concatenate(pooled, axis=0))
+
+    def _encode(self, frames, progress, cancel) -> FrameFeatures:
+        return self._encode_images(frames.images, progress, cancel)
+
+    def slice_embeddings(self, frames, progress=None, cancel=None) -> np.ndarray:
+        """[N, D] pooled, L2-normalised top-level image features (from the cached features)."""
+        return np.array(self.features(frames, progress, cancel).embeddings, copy=True)
+
+    def support_features(self, images: np.ndarray, cancel=None) -> FrameFeatures:
+        """Features of support (reference) slices, cached by content (kept across runs and targets)."""
+        torch = _torch()
+        keys, missing = [], []
+        for index in range(images.shape[0]):
+            digest = hashlib.sha1(np.ascontiguousarray(images[index], dtype=np.float32).tobytes())
+            digest.update(str(images[index].shape).encode())
+            key = digest.hexdigest()
+            keys.append(key)
+            if key in self._support_cache:
+                self._support_cache.move_to_end(key)
+            elif key not in [k for k, _ in missing]:
+                missing.append((key, index))
+        if missing:
+            encoded = self._encode_images(images[[i for _, i in missing]], cancel=cancel, phase="encode-support")
+            for row, (key, _) in enumerate(missing):
+                self._support_cache[key] = FrameFeatures(
+                    [level[row : row + 1] for level in encoded.fpn], encoded.pos, encoded.embeddings[row : row + 1]
+                )
+        parts = [self._support_cache[key] for key in keys]
+        while len(self._support_cache) > max(SUPPORT_CACHE_SLICES, len(keys)):
+            self._support_cache.popitem(last=False)
+        if not parts:
+            return None
+        store = parts[0].fpn[0].device
+        fpn = [torch.cat([p.fpn[level].to(store) for p in parts]) for level in range(len(parts[0].fpn))]
+        return FrameFeatures(fpn, parts[0].pos, np.concatenate([p.embeddings for p in parts]))
+
+    def embed_slices(self, images: np.ndarray, cancel=None) -> np.ndarray:
+        """[K, D] pooled, L2-normalised embeddings of arbitrary slices ([K, H, W] in [0, 1]), e.g. reference
+        slices; their features are cached with the support features (a later propagate reuses them)."""
+        features = self.support_features(np.asarray(images, dtype=np.float32), cancel)
+        return np.array(features.embeddings, copy=True)
+
+    # ---------------------------------------------------------------- propagation
+    def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
+        """Execute a PromptPlan over the target frames: label -> [N, H, W] float32 probability."""
+        torch = _torch()
+        predictor = self.predictor
+        count, height, width = frames.num_slices, frames.height, frames.width
+        labels = list(plan.labels)
+        target_features = self.features(frames, progress, cancel)
+
+        # ---- support slices (reference slices as conditioning memory), resized to the target's H x W
+        support = list(plan.support or [])
+        support_images = None
+        if support:
+            support_images = np.stack([_fit(s.image.astype(np.float32), height, width, order=1) for s in support])
+        support_features = self.support_features(support_images, cancel) if support else None
+        offset = len(support)
+
+        blocks = ([support_features] if support_features is not None else []) + [target_features]
+        images = np.concatenate([support_images, frames.images]) if support else frames.images
+        state = predictor.init_state_from_features(blocks, images, height, width)
+
+        # ---- conditioning on target frames: corrections > object masks > boxes/points
+        corrected = set(corrections.frames) if corrections is not None else set()
+        conditioning: Dict[int, Dict[int, tuple]] = {v: {} for v in labels}  # label -> frame -> (kind, value)
+        for value in labels:
+            prompt = plan.objects[value]
+            for frame, box in (prompt.boxes or {}).items():
+                if box is not None:
+                    conditioning[value][int(frame)] = ("box", np.asarray(box, dtype=np.float32))
+            for frame, (coords, point_labels) in (prompt.points or {}).items():
+                existing = conditioning[value].get(int(frame))
+                box = existing[1] if existing is not None and existing[0] == "box" else None
+                conditioning[value][int(frame)] = ("points", (box, np.asarray(coords), np.asarray(point_labels)))
+            for frame, mask in (prompt.masks or {}).items():
+                conditioning[value][int(frame)] = ("mask", np.asarray(mask, dtype=bool))
+            for frame in corrected:
+                conditioning[value][frame] = ("mask", corrections.labels[frame] == value)
+        target_cond_frames = sorted({f for per in conditioning.values() for f in per})
+        for frame in target_cond_frames:
+            if not 0 <= frame < count:
+                raise InputError(f"a prompt names slice {frame}, outside the target's {count} slices")
+
+        active = []  # labels that get any conditioning: the objects of this run
+        for value in labels:
+            has_support = any(value in s.masks and np.any(s.masks[value]) for s in support)
+            if has_support or conditioning[value]:
+                active.append(value)
+        results = {v: np.zeros((count, height, width), dtype=np.float32) for v in labels}
+        if not active:
+            return results
+
+        with torch.inference_mode(), self._autocast():
+            for value in active:
+                for index, slice_ in enumerate(support):
+                    mask = slice_.masks.get(value)
+                    mask = np.zeros((height, width), bool) if mask is None else _fit(mask.astype(np.uint8), height, width, 0) > 0
+                    predictor.add_new_mask(state, index, value, torch.from_numpy(np.ascontiguousarray(mask)))
+                for frame, (kind, payload) in sorted(conditioning[value].items()):
+                    video_frame = offset + frame
+                    if kind == "mask":
+                        predictor.add_new_mask(state, video_frame, value, torch.from_numpy(np.ascontiguousarray(payload)))
+                    elif kind == "box":
+                        predictor.add_new_points_or_box(state, video_frame, value, box=payload)
+                    else:
+                        box, coords, point_labels = payload
+                        predictor.add_new_points_or_box(state, video_frame, value, points=coords,
+                                                        labels=point_labels, box=box)
+            predictor.propagate_in_video_preflight(state)
+
+            # ---- which conditioning frames each target frame attends
+            predictor._active_selection = self._cond_selection(
+                support_features, target_features, offset, count, target_cond_frames, plan.support_top_k)
+            try:
+                start = self._start_frame(plan, target_cond_frames, count)
+                forward = list(range(start, count))
+                backward = list(range(start - 1, -1, -1))
+                total, done = count, 0
+                obj_ids = list(state["obj_ids"])
+                for order, reverse in ((forward, False), (backward, True)):
+                    for frame in order:
+                        if cancel is not None and cancel.is_set():
+                            raise Cancelled("cancelled by the user")
+                        logits = self._track_frame(state, offset + frame, reverse)
+                        for obj_index, value in enumerate(obj_ids):
+                            results[value][frame] = _sigmoid_at(logits[obj_index], height, width)
+                        done += 1
+                        if progress is not None:
+                            progress("propagate", done, total)
+            finally:
+                predictor._active_selection = None
+        for value in labels:  # the structure's plausible slice range (from the generator), if any
+            frame_range = plan.objects[value].frame_range
+            if frame_range is not None:
+                first, last = max(int(frame_range[0]), 0), min(int(frame_range[1]), count - 1)
+                outside = np.ones(count, bool)
+                outside[first : last + 1] = False
+                outside[list(corrected)] = False
+                results[value][outside] = 0.0
+        self._last_run = {"support_frames": offset, "objects": list(state["obj_ids"]),
+                          "encoder_misses": state.get("encoder_misses", 0)}
+        return results
+
+    def _track_frame(self, state, video_frame: int, reverse: bool):
+        """One frame of sam2's `propagate_in_video` for every object (no tqdm, our progress/cancel)."""
+        torch = _torch()
+        predictor = self.predictor
+        outputs = []
+        for obj_idx in range(len(state["obj_ids"])):
+            obj_output_dict = state["output_dict_per_obj"][obj_idx]
+            if video_frame in obj_output_dict["cond_frame_outputs"]:
+                out = obj_output_dict["cond_frame_outputs"][video_frame]
+                pred_masks = out["pred_masks"].to(state["device"], non_blocking=True)
+            else:
+                out, pred_masks = predictor._run_single_frame_inference(
+                    inference_state=state, output_dict=obj_output_dict, frame_idx=video_frame, batch_size=1,
+                    is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
+                    run_mem_encoder=True,
+                )
+                obj_output_dict["non_cond_frame_outputs"][video_frame] = out
+            state["frames_tracked_per_obj"][obj_idx][video_frame] = {"reverse": reverse}
+            outputs.append(pred_masks)
+        return torch.cat(outputs, dim=0)[:, 0].float()  # [n_obj, h, w] low-res logits
+
+    @staticmethod
+    def _start_frame(plan, target_cond_frames: Sequence[int], count: int) -> int:
+        if plan.start_frame is not None:
+            return int(min(max(plan.start_frame, 0), count - 1))
+        if target_cond_frames:
+            return int(target_cond_frames[0])
+        return 0
+
+    @staticmethod
+    def _cond_selection(support_features, target_features, offset, count, target_cond_frames, top_k):
+        """video frame -> the set of conditioning video frames it attends: its `top_k` most similar
+        support slices (cosine of pooled embeddings; ties -> lower index) + every target conditioning
+        frame. None when there is nothing to choose (no more supports than top_k)."""
+        if support_features is None or top_k is None or top_k <= 0 or offset <= top_k:
+            return None
+        similarity = target_features.embeddings @ support_features.embeddings.T  # [N, S]
+        targets = {offset + f for f in target_cond_frames}
+        selection = {}
+        for frame in range(count):
+            order = np.argsort(-similarity[frame], kind="stable")[:top_k]
+            selection[offset + frame] = {int(s) for s in order} | targets
+        return selection
+
+
+def _fit(image: np.ndarray, height: int, width: int, order: int = 1) -> np.ndarray:
+    """Resize a 2D array to height x width (bilinear for images, nearest for masks); no-op if it fits."""
+    if image.shape == (height, width):
+        return image
+    torch = _torch()
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    mode = "bilinear" if order == 1 else "nearest"
+    kwargs = {"align_corners": False} if order == 1 else {}
+    return F.interpolate(x, size=(height, width), mode=mode, **kwargs)[0, 0].numpy().astype(image.dtype)
+
+
+def _sigmoid_at(logits, height: int, width: int) -> np.ndarray:
+    """[h, w] low-res logits -> [H, W] float32 probabilities at the frame's original size."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    x = logits[None, None].float()
+    if x.shape[-2:] != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return torch.sigmoid(x)[0, 0].cpu().numpy().astype(np.float32)
