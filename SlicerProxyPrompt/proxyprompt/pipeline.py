@@ -113,18 +113,11 @@ def compose_labels(probabilities: Dict[int, np.ndarray], threshold: float = 0.5)
 
 
 def keep_largest_components(label_stack: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    """Per label, keep its largest 3D connected component (SimpleITK); other voxels of it become 0."""
-    import SimpleITK as sitk
+    """Per label, keep its largest 3D connected component (voxel connectivity does not depend on spacing)."""
+    from .registration import keep_largest_component
 
-    result = label_stack.copy()
-    for value in labels:
-        mask = label_stack == value
-        if not mask.any():
-            continue
-        components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
-        largest = sitk.GetArrayFromImage(components) == 1
-        result[mask & ~largest] = 0
-    return result
+    unit_grid = Volume.from_geometry(label_stack, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    return np.array(keep_largest_component(unit_grid, labels).array)
 
 
 class Engine:

@@ -15,6 +15,11 @@ What differs from the stock `SAM2VideoPredictor` workflow (JPEG folder, one obje
   style); for each target frame only the `plan.support_top_k` support slices most similar to it (cosine of
   pooled image embeddings) are attended (see `_InMemoryVideoPredictor._prepare_memory_conditioned_features`).
 * Corrections: each corrected slice is a conditioning frame with its exact mask per label.
+* Incremental re-run (`_Incremental`): the sam2 state of the last run is kept (one target, one plan). A re-run
+  with the same plan whose only change is new corrected slices re-tracks only the frames downstream of each
+  new correction (away from the start frame, up to the next conditioning frame or the volume end); every
+  other frame keeps its previous output. Anything else (first run, other target/plan/labels, a correction
+  removed) is a full run.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import logging
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -203,7 +209,18 @@ def _make_predictor_class():
             The non-conditioning memories (the previous 6 tracked target frames) and the object-pointer
             rules are sam2's own; removed supports cannot leak back in as "recent" memories because the
             view does not contain them at all. Nothing is copied (the view shares the stored outputs).
+
+            `_memory_floor` (incremental re-run, forward direction): non-conditioning outputs of frames
+            below it (the frames a full run tracks in reverse, AFTER its forward pass) are left out of the
+            view, so a re-tracked forward frame sees the same kind of memories as in a full run.
             """
+            floor = getattr(self, "_memory_floor", None)
+            if floor is not None:
+                output_dict = {
+                    "cond_frame_outputs": output_dict["cond_frame_outputs"],
+                    "non_cond_frame_outputs": {t: out for t, out in output_dict["non_cond_frame_outputs"].items()
+                                               if t >= floor},
+                }
             selection = getattr(self, "_active_selection", None)
             if selection is not None and not is_init_cond_frame and frame_idx in selection:
                 allowed = selection[frame_idx]
@@ -315,6 +332,8 @@ class Sam2Model(SliceModel):
         self.encode_batch = int(encode_batch or (8 if self.device == "cuda" else 2))
         self._support_cache: "OrderedDict[str, FrameFeatures]" = OrderedDict()
         self._last_run: Dict[str, object] = {}
+        self._incremental: Optional[_Incremental] = None  # the last run's state (one target; see _Incremental)
+        self.frames_propagated = 0  # frames sent through the tracking loop by the last propagate()
 
     # ---------------------------------------------------------------- helpers
     def _autocast(self):
@@ -394,12 +413,18 @@ class Sam2Model(SliceModel):
 
     # ---------------------------------------------------------------- propagation
     def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
-        """Execute a PromptPlan over the target frames: label -> [N, H, W] float32 probability."""
+        """Execute a PromptPlan over the target frames: label -> [N, H, W] float32 probability.
+
+        Incremental when the previous run's state allows it (see `_Incremental`); `frames_propagated` counts
+        the frames this call sent through the tracking loop, `_last_run["incremental"]` says which path ran."""
         torch = _torch()
         predictor = self.predictor
         count, height, width = frames.num_slices, frames.height, frames.width
         labels = list(plan.labels)
         target_features = self.features(frames, progress, cancel)
+        # the kept state is valid again only when this run completes (cancel / error mid-run -> full run next)
+        previous, self._incremental = self._incremental, None
+        self.frames_propagated = 0
 
         # ---- support slices (reference slices as conditioning memory), resized to the target's H x W
         support = list(plan.support or [])
@@ -408,10 +433,6 @@ class Sam2Model(SliceModel):
             support_images = np.stack([_fit(s.image.astype(np.float32), height, width, order=1) for s in support])
         support_features = self.support_features(support_images, cancel) if support else None
         offset = len(support)
-
-        blocks = ([support_features] if support_features is not None else []) + [target_features]
-        images = np.concatenate([support_images, frames.images]) if support else frames.images
-        state = predictor.init_state_from_features(blocks, images, height, width)
 
         # ---- conditioning on target frames: corrections > object masks > boxes/points
         corrected = set(corrections.frames) if corrections is not None else set()
@@ -441,47 +462,61 @@ class Sam2Model(SliceModel):
                 active.append(value)
         results = {v: np.zeros((count, height, width), dtype=np.float32) for v in labels}
         if not active:
+            self._last_run = {"support_frames": offset, "objects": [], "encoder_misses": 0, "incremental": False}
             return results
 
+        key = (frames.fingerprint(), _plan_fingerprint(plan, support_images, self.image_size))
+        corrected_masks = {f: np.array(corrections.labels[f], copy=True) for f in sorted(corrected)}
+        new_frames = _Incremental.new_corrections(previous, key, active, corrected_masks)
+        # which conditioning frames each target frame attends (recomputed: new corrections are conditioning)
+        selection = self._cond_selection(support_features, target_features, offset, count, target_cond_frames,
+                                         plan.support_top_k)
         with torch.inference_mode(), self._autocast():
-            for value in active:
-                for index, slice_ in enumerate(support):
-                    mask = slice_.masks.get(value)
-                    mask = np.zeros((height, width), bool) if mask is None else _fit(mask.astype(np.uint8), height, width, 0) > 0
-                    predictor.add_new_mask(state, index, value, torch.from_numpy(np.ascontiguousarray(mask)))
-                for frame, (kind, payload) in sorted(conditioning[value].items()):
-                    video_frame = offset + frame
-                    if kind == "mask":
-                        predictor.add_new_mask(state, video_frame, value, torch.from_numpy(np.ascontiguousarray(payload)))
-                    elif kind == "box":
-                        predictor.add_new_points_or_box(state, video_frame, value, box=payload)
-                    else:
-                        box, coords, point_labels = payload
-                        predictor.add_new_points_or_box(state, video_frame, value, points=coords,
-                                                        labels=point_labels, box=box)
-            predictor.propagate_in_video_preflight(state)
-
-            # ---- which conditioning frames each target frame attends
-            predictor._active_selection = self._cond_selection(
-                support_features, target_features, offset, count, target_cond_frames, plan.support_top_k)
-            try:
+            if new_frames is None:
                 start = self._start_frame(plan, target_cond_frames, count)
-                forward = list(range(start, count))
-                backward = list(range(start - 1, -1, -1))
-                total, done = count, 0
-                obj_ids = list(state["obj_ids"])
-                for order, reverse in ((forward, False), (backward, True)):
+                blocks = ([support_features] if support_features is not None else []) + [target_features]
+                images = np.concatenate([support_images, frames.images]) if support else frames.images
+                state = predictor.init_state_from_features(blocks, images, height, width)
+                for value in active:
+                    for index, slice_ in enumerate(support):
+                        mask = slice_.masks.get(value)
+                        mask = np.zeros((height, width), bool) if mask is None else _fit(mask.astype(np.uint8), height, width, 0) > 0
+                        predictor.add_new_mask(state, index, value, torch.from_numpy(np.ascontiguousarray(mask)))
+                    for frame, (kind, payload) in sorted(conditioning[value].items()):
+                        video_frame = offset + frame
+                        if kind == "mask":
+                            predictor.add_new_mask(state, video_frame, value, torch.from_numpy(np.ascontiguousarray(payload)))
+                        elif kind == "box":
+                            predictor.add_new_points_or_box(state, video_frame, value, box=payload)
+                        else:
+                            box, coords, point_labels = payload
+                            predictor.add_new_points_or_box(state, video_frame, value, points=coords,
+                                                            labels=point_labels, box=box)
+                predictor.propagate_in_video_preflight(state)
+                passes = [(list(range(start, count)), False), (list(range(start - 1, -1, -1)), True)]
+            else:
+                state, start = previous.state, previous.start
+                passes = self._add_corrections(state, offset, start, new_frames, corrected_masks,
+                                               set(target_cond_frames), count)
+            predictor._active_selection = selection
+            try:
+                total = sum(len(order) for order, _ in passes)
+                done = 0
+                for order, reverse in passes:
+                    # forward re-tracking (incremental) must not see the reverse-tracked frames' memories
+                    predictor._memory_floor = offset + start if (new_frames is not None and not reverse) else None
                     for frame in order:
                         if cancel is not None and cancel.is_set():
                             raise Cancelled("cancelled by the user")
-                        logits = self._track_frame(state, offset + frame, reverse)
-                        for obj_index, value in enumerate(obj_ids):
-                            results[value][frame] = _sigmoid_at(logits[obj_index], height, width)
+                        self._track_frame(state, offset + frame, reverse)
                         done += 1
+                        self.frames_propagated += 1
                         if progress is not None:
                             progress("propagate", done, total)
             finally:
                 predictor._active_selection = None
+                predictor._memory_floor = None
+            self._collect(state, offset, count, height, width, results)
         for value in labels:  # the structure's plausible slice range (from the generator), if any
             frame_range = plan.objects[value].frame_range
             if frame_range is not None:
@@ -490,9 +525,67 @@ class Sam2Model(SliceModel):
                 outside[first : last + 1] = False
                 outside[list(corrected)] = False
                 results[value][outside] = 0.0
+        self._incremental = _Incremental(key, tuple(state["obj_ids"]), start, corrected_masks, state)
         self._last_run = {"support_frames": offset, "objects": list(state["obj_ids"]),
-                          "encoder_misses": state.get("encoder_misses", 0)}
+                          "encoder_misses": state.get("encoder_misses", 0), "incremental": new_frames is not None,
+                          "frames_propagated": self.frames_propagated, "new_corrections": list(new_frames or [])}
         return results
+
+    def _add_corrections(self, state, offset: int, start: int, new_frames: Sequence[int],
+                         corrected_masks: Dict[int, np.ndarray], cond_frames: set, count: int):
+        """Incremental re-run: make each new corrected frame a conditioning frame of the kept state (exactly as
+        a first run adds it: an initial conditioning mask, output = the mask), and return the tracking passes
+        that re-propagate only its downstream frames: away from the start frame (the direction the frame was
+        reached in; both ways for the start frame itself), up to the next conditioning frame or the volume end.
+        Forward passes come first (ascending), then reverse ones (descending), as in a full run."""
+        torch = _torch()
+        predictor = self.predictor
+        reached_reverse = {f: state["frames_tracked_per_obj"][0].get(offset + f, {}).get("reverse", f < start)
+                           for f in new_frames}
+        for frame in new_frames:
+            video_frame = offset + frame
+            for value in state["obj_ids"]:
+                obj_idx = state["obj_id_to_idx"][value]
+                state["frames_tracked_per_obj"][obj_idx].pop(video_frame, None)  # -> an initial conditioning frame
+                for storage in ("cond_frame_outputs", "non_cond_frame_outputs"):
+                    state["output_dict_per_obj"][obj_idx][storage].pop(video_frame, None)
+                mask = np.ascontiguousarray(corrected_masks[frame] == value)
+                predictor.add_new_mask(state, video_frame, value, torch.from_numpy(mask))
+        predictor.propagate_in_video_preflight(state)
+        forward, backward = [], []
+        for frame in sorted(new_frames):
+            if frame == start or not reached_reverse[frame]:
+                order = [frame]
+                for f in range(frame + 1, count):
+                    if f in cond_frames:
+                        break
+                    order.append(f)
+                forward.append((order, False))
+            if frame == start or reached_reverse[frame]:
+                order = [] if frame == start else [frame]
+                for f in range(frame - 1, -1, -1):
+                    if f in cond_frames:
+                        break
+                    order.append(f)
+                backward.append((order, True))
+        return forward + backward[::-1]
+
+    @staticmethod
+    def _collect(state, offset: int, count: int, height: int, width: int, results) -> None:
+        """Probabilities of every target frame from the low-res logits the sam2 state holds (the outputs
+        `_track_frame` returned for them; the same upsampling, so kept frames are bit-identical)."""
+        torch = _torch()
+        for frame in range(count):
+            outputs = []
+            for obj_idx in range(len(state["obj_ids"])):
+                obj_output_dict = state["output_dict_per_obj"][obj_idx]
+                out = obj_output_dict["cond_frame_outputs"].get(offset + frame)
+                if out is None:
+                    out = obj_output_dict["non_cond_frame_outputs"][offset + frame]
+                outputs.append(out["pred_masks"].to(state["device"], non_blocking=True))
+            logits = torch.cat(outputs, dim=0)[:, 0].float()
+            for obj_index, value in enumerate(state["obj_ids"]):
+                results[value][frame] = _sigmoid_at(logits[obj_index], height, width)
 
     def _track_frame(self, state, video_frame: int, reverse: bool):
         """One frame of sam2's `propagate_in_video` for every object (no tqdm, our progress/cancel)."""
@@ -537,6 +630,76 @@ class Sam2Model(SliceModel):
             order = np.argsort(-similarity[frame], kind="stable")[:top_k]
             selection[offset + frame] = {int(s) for s in order} | targets
         return selection
+
+
+@dataclass(eq=False)
+class _Incremental:
+    """What an incremental re-run needs from the previous run; one target, one plan (replaced every run).
+
+    state: the previous run's sam2 inference state: per object and frame, the low-res logits (the frame's
+    probabilities), the memory features, the object pointer, and the direction the frame was reached in
+    (`frames_tracked_per_obj`). Its size is that of the state a run holds anyway (nothing extra is copied).
+
+    Why reusing it is valid: sam2 tracks a frame from (1) every conditioning frame (support slices, the
+    plan's prompts, corrected slices; here the per-frame selection), (2) the memories of the previous 6
+    tracked frames and (3) the object pointers of up to 15 previous frames, "previous" meaning in the
+    tracking direction, i.e. between the start frame and the frame. With the same plan (same features,
+    prompts, supports, start frame) a new corrected frame c only adds a conditioning frame; the frames
+    downstream of c (away from the start) are re-tracked in order, so each of them sees the kept memories of
+    the unchanged frames behind c, c itself and the already re-tracked frames behind it, exactly as a
+    sequential run would. Frames upstream of c and on the other side of the start keep their outputs (the
+    user did not touch them; a correction never changes slices on the other side of the start), and so do the
+    frames beyond the next conditioning frame, which anchors them (deliberate: a full run would let its first
+    few frames also attend changed memories across it).
+    """
+
+    key: Tuple[str, str]  # (target stack fingerprint, plan fingerprint)
+    objects: Tuple[int, ...]
+    start: int
+    corrected: Dict[int, np.ndarray]  # corrected frame -> its label slice
+    state: dict
+
+    @staticmethod
+    def new_corrections(previous: Optional["_Incremental"], key, active, corrected: Dict[int, np.ndarray]):
+        """The corrected frames that are new (or changed) since `previous`, or None for a full run."""
+        if previous is None or previous.key != key or previous.objects != tuple(active):
+            return None
+        if any(frame not in corrected for frame in previous.corrected):  # a correction was removed
+            return None
+        return [f for f, mask in sorted(corrected.items())
+                if f not in previous.corrected or not np.array_equal(previous.corrected[f], mask)]
+
+
+def _plan_fingerprint(plan, support_images: Optional[np.ndarray], image_size: int) -> str:
+    """Content hash of everything of a PromptPlan that a run depends on (prompts, supports, ranges, start)."""
+    digest = hashlib.sha1()
+
+    def add(*parts) -> None:
+        for part in parts:
+            if isinstance(part, np.ndarray):
+                digest.update(f"{part.dtype}{part.shape}".encode())
+                digest.update(np.ascontiguousarray(part).tobytes())
+            else:
+                digest.update(repr(part).encode())
+
+    add(image_size, plan.labels, plan.support_top_k, plan.start_frame)
+    for value in plan.labels:
+        prompt = plan.objects[value]
+        add("object", value, prompt.frame_range)
+        for frame in sorted(prompt.masks or {}):
+            add("mask", int(frame), np.asarray(prompt.masks[frame], dtype=bool))
+        for frame in sorted(prompt.boxes or {}):
+            box = prompt.boxes[frame]
+            add("box", int(frame), None if box is None else np.asarray(box, dtype=np.float64))
+        for frame in sorted(prompt.points or {}):
+            coords, point_labels = prompt.points[frame]
+            add("points", int(frame), np.asarray(coords, dtype=np.float64), np.asarray(point_labels, dtype=np.int64))
+    if support_images is not None:
+        add("support", support_images)
+        for slice_ in plan.support:
+            for value in sorted(slice_.masks):
+                add(value, np.asarray(slice_.masks[value], dtype=bool))
+    return digest.hexdigest()
 
 
 def _fit(image: np.ndarray, height: int, width: int, order: int = 1) -> np.ndarray:

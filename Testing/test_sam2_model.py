@@ -1,0 +1,226 @@
+"""SAM 2 model layer (random weights, 512 px, CPU): in-memory frames, cached features, propagation,
+corrections, cancel, progress. Random weights: these tests check behaviour and plumbing, never accuracy."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sam2")
+
+from proxyprompt.errors import Cancelled  # noqa: E402
+from proxyprompt.frames import make_slice_stack  # noqa: E402
+from proxyprompt.generators.base import Corrections, ObjectPrompt, PromptPlan, ReferenceCase  # noqa: E402
+from proxyprompt.pipeline import CancelToken, Engine  # noqa: E402
+from proxyprompt.volume import Volume, read_image, read_label  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared ACDC data not found")
+
+
+def crop_slices(volume: Volume, first: int, count: int) -> Volume:
+    """Slices first..first+count-1 along k, on the physically matching grid."""
+    matrix = np.array(volume.ijk_to_lps, dtype=float)
+    matrix[:3, 3] = matrix[:3, :3] @ np.array([0.0, 0.0, first]) + matrix[:3, 3]
+    return Volume(np.ascontiguousarray(volume.array[first : first + count]), matrix)
+
+
+def load_case(name: str, first: int, count: int):
+    image = read_image(DATA / f"{name}_image.nii.gz")
+    label, table = read_label(DATA / f"{name}_label.nii.gz")
+    return crop_slices(image, first, count), crop_slices(label, first, count), table
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(2)
+    return Engine(model="random", image_size=512, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    ref_image, ref_label, table = load_case("patient001_ED", 4, 3)
+    tgt_image, tgt_label, _ = load_case("patient002_ED", 4, 3)
+    return ReferenceCase(ref_image, ref_label, table), tgt_image, tgt_label
+
+
+@pytest.fixture(scope="module")
+def first_run(engine, cases):
+    reference, target, _ = cases
+    events = []
+    result = engine.segment([reference], target, generator="support-memory", labels=[1, 3],
+                            progress=lambda phase, done, total: events.append((phase, done, total)))
+    return result, events
+
+
+def test_model_is_real_architecture_with_random_weights(engine):
+    model = engine.model
+    assert model.is_random and model.family == "random" and model.image_size == 512
+    assert "RANDOM weights" in model.describe()
+    assert model.predictor.image_size == 512
+
+
+def test_output_geometry_labels_and_random_flag(first_run, cases):
+    result, _ = first_run
+    reference, target, _ = cases
+    assert result.label.same_grid(target) and result.label.array.shape == target.array.shape
+    assert set(np.unique(result.label.array)) <= {0} | set(np.unique(reference.label.array))
+    assert result.info["random_weights"] is True
+    assert result.info["generator"] == "support-memory"
+
+
+def test_progress_reports_every_slice(first_run, cases):
+    _, events = first_run
+    _, target, _ = cases
+    count = target.array.shape[0]
+    propagated = [done for phase, done, total in events if phase == "propagate"]
+    assert propagated == list(range(1, count + 1))
+    assert any(phase == "encode" and done == total == count for phase, done, total in events)
+
+
+def test_same_input_same_output(engine, cases, first_run):
+    reference, target, _ = cases
+    again = engine.segment([reference], target, generator="support-memory", labels=[1, 3])
+    assert np.array_equal(again.label.array, first_run[0].label.array)
+
+
+def test_rerun_with_corrections_keeps_slices_and_reuses_features(engine, cases, first_run):
+    reference, target, truth = cases
+    calls_before = engine.model.encoder_calls
+    corrections = truth.with_array(np.where(np.isin(truth.array, [1, 3]), truth.array, 0).astype(np.uint16))
+    result = engine.segment([reference], target, generator="support-memory", labels=[1, 3],
+                            corrections=corrections, corrected_slices=[1])
+    assert engine.model.encoder_calls == calls_before  # target and support features came from the cache
+    assert np.array_equal(result.label.array[1], corrections.array[1])
+    assert result.info["corrected_slices"] == [1]
+
+
+def test_cancel_mid_run_raises(engine, cases):
+    reference, target, _ = cases
+    token = CancelToken()
+
+    def progress(phase, done, total):
+        if phase == "propagate" and done >= 1:
+            token.set()
+
+    with pytest.raises(Cancelled):
+        engine.segment([reference], target, generator="support-memory", labels=[1, 3], progress=progress,
+                       cancel=token)
+
+
+def test_mask_on_a_frame_plan_direct(engine, cases):
+    """A plan without support slices: a conditioning mask on frame 1, propagated both ways; the
+    conditioning frame comes back as its exact mask (sam2 outputs a mask prompt unchanged)."""
+    _, target, truth = cases
+    model = engine.model
+    frames = make_slice_stack(target)
+    labels = frames.labels(truth)
+    plan = PromptPlan(objects={3: ObjectPrompt(label=3, masks={1: labels[1] == 3})})
+    out = model.propagate(frames, plan)
+    assert set(out) == {3} and out[3].shape == frames.images.shape and out[3].dtype == np.float32
+    assert np.array_equal(out[3][1] > 0.5, labels[1] == 3)
+    assert np.all((out[3] >= 0) & (out[3] <= 1))
+
+
+# ---------------------------------------------------------------- incremental re-run after corrections
+@pytest.fixture(scope="module")
+def five():
+    """A 5-slice target (its frames and ground-truth label stack) for direct mask-on-a-frame plans."""
+    image, label, _ = load_case("patient002_ED", 3, 5)
+    frames = make_slice_stack(image)
+    return frames, frames.labels(label)
+
+
+def mask_plan(labels, frame=2, values=(3,)):
+    return PromptPlan(objects={v: ObjectPrompt(label=v, masks={frame: labels[frame] == v}) for v in values},
+                      start_frame=frame)
+
+
+def test_incremental_rerun_tracks_only_downstream_frames(engine, five):
+    """Start frame 2 of 0..4: a correction on 3 re-tracks 3 (its exact mask) and 4 only; a later one on 1
+    re-tracks 1 and 0 only (reverse side); every other frame is bit-identical to the previous run."""
+    frames, labels = five
+    model = engine.model
+    plan = mask_plan(labels)
+    first = model.propagate(frames, plan)
+    assert model._last_run["incremental"] is False and model.frames_propagated == 5
+
+    events = []
+    second = model.propagate(frames, plan, Corrections(labels, [3]),
+                             progress=lambda phase, done, total: events.append((phase, done, total)))
+    assert model._last_run["incremental"] is True and model._last_run["new_corrections"] == [3]
+    assert model.frames_propagated == 2
+    assert [(d, t) for p, d, t in events if p == "propagate"] == [(1, 2), (2, 2)]
+    assert np.array_equal(second[3][:3], first[3][:3])  # start side: untouched
+    # the corrected frame is a conditioning mask (output = the mask, up to sam2's resize round trip)
+    assert np.mean((second[3][3] > 0.5) == (labels[3] == 3)) > 0.99
+
+    third = model.propagate(frames, plan, Corrections(labels, [1, 3]))
+    assert model._last_run["incremental"] is True and model._last_run["new_corrections"] == [1]
+    assert model.frames_propagated == 2  # frames 1 and 0
+    assert np.array_equal(third[3][2:], second[3][2:])
+    assert np.mean((third[3][1] > 0.5) == (labels[1] == 3)) > 0.99
+
+    # nothing new: no frame is propagated, same output
+    again = model.propagate(frames, plan, Corrections(labels, [1, 3]))
+    assert model.frames_propagated == 0 and np.array_equal(again[3], third[3])
+
+
+def test_incremental_rerun_falls_back_to_full_run_and_is_deterministic(engine, five):
+    frames, labels = five
+    model = engine.model
+    plan = mask_plan(labels)
+    reference_first = model.propagate(frames, plan)  # corrections removed (or first run): full run
+    assert model._last_run["incremental"] is False and model.frames_propagated == 5
+    reference_second = model.propagate(frames, plan, Corrections(labels, [3]))
+    assert model.frames_propagated == 2
+    model._incremental = None  # a first run with the same correction: the corrected frame's output is the same
+    full = model.propagate(frames, plan, Corrections(labels, [3]))
+    assert model._last_run["incremental"] is False and np.array_equal(full[3][3], reference_second[3][3])
+
+    changed = mask_plan(labels, frame=1)  # a different plan (prompt and start frame): full run
+    model.propagate(frames, changed, Corrections(labels, [3]))
+    assert model._last_run["incremental"] is False and model.frames_propagated == 5
+    model.propagate(frames, mask_plan(labels, values=(1, 3)), Corrections(labels, [3]))  # other labels
+    assert model._last_run["incremental"] is False and model.frames_propagated == 5
+
+    first = model.propagate(frames, plan)  # back to the first plan: full run, then the same correction
+    assert model._last_run["incremental"] is False
+    assert np.array_equal(first[3], reference_first[3])
+    second = model.propagate(frames, plan, Corrections(labels, [3]))
+    assert model._last_run["incremental"] is True and np.array_equal(second[3], reference_second[3])
+
+
+def test_cancelled_run_invalidates_the_kept_state(engine, five):
+    frames, labels = five
+    model = engine.model
+    plan = mask_plan(labels)
+    model.propagate(frames, plan)
+    token = CancelToken()
+    token.set()
+    with pytest.raises(Cancelled):
+        model.propagate(frames, plan, Corrections(labels, [3]), cancel=token)
+    model.propagate(frames, plan, Corrections(labels, [3]))
+    assert model._last_run["incremental"] is False and model.frames_propagated == 5
+
+
+def test_engine_rerun_is_incremental_and_keeps_corrected_slice(engine, cases):
+    reference, target, truth = cases
+    model = engine.model
+    first = engine.segment([reference], target, generator="support-memory", labels=[1, 3],
+                           return_probabilities=True)
+    start, count = model._incremental.start, target.array.shape[0]
+    frame = start + 1 if start + 1 < count else start - 1
+    calls = model.encoder_calls
+    corrections = truth.with_array(np.where(np.isin(truth.array, [1, 3]), truth.array, 0).astype(np.uint16))
+    result = engine.segment([reference], target, generator="support-memory", labels=[1, 3],
+                            corrections=corrections, corrected_slices=[frame], return_probabilities=True)
+    assert model.encoder_calls == calls
+    assert model._last_run["incremental"] is True
+    downstream = list(range(frame, count)) if frame > start else list(range(frame, -1, -1))
+    assert model.frames_propagated == len(downstream) < count
+    assert np.array_equal(result.label.array[frame], corrections.array[frame])  # bit-exact
+    for value in (1, 3):
+        for n in set(range(count)) - set(downstream):
+            assert np.array_equal(result.probabilities[value].array[n], first.probabilities[value].array[n])
