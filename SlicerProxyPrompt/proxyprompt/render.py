@@ -44,7 +44,7 @@ def render_outlines(image: Volume, label: Volume, table: LabelTable, path, truth
         ax.axis("off")
     handles = [plt.Line2D([], [], color=info.color, label=info.name) for info in table.values()]
     if truths is not None:
-        handles.append(plt.Line2D([], [], color="white", linestyle="dashed", label="ground truth"))
+        handles.append(plt.Line2D([], [], color="0.35", linestyle="dashed", label="ground truth (dashed)"))
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     if title:
         figure.suptitle(title, fontsize=10)
