@@ -224,3 +224,28 @@ def test_engine_rerun_is_incremental_and_keeps_corrected_slice(engine, cases):
     for value in (1, 3):
         for n in set(range(count)) - set(downstream):
             assert np.array_equal(result.probabilities[value].array[n], first.probabilities[value].array[n])
+
+
+def test_batched_objects_equal_per_object_path(engine, five):
+    """All objects of a run tracked as ONE batch (memory attention, decoder, memory encoder) give the
+    per-object (sam2 1.1.0) results within float tolerance, first run and incremental re-run alike."""
+    frames, labels = five
+    model = engine.model
+    plan = mask_plan(labels, values=(1, 2, 3))
+    outputs = {}
+    try:
+        for batched in (False, True):
+            model.batch_objects = batched
+            model._incremental = None
+            first = model.propagate(frames, plan)
+            second = model.propagate(frames, plan, Corrections(labels, [3]))
+            assert model._last_run["incremental"] is True and model.frames_propagated == 2
+            outputs[batched] = (first, second)
+    finally:
+        model.batch_objects = True
+        model._incremental = None
+    for run in (0, 1):
+        for value in (1, 2, 3):
+            per_object, batched = outputs[False][run][value], outputs[True][run][value]
+            assert np.abs(per_object - batched).max() < 1e-4
+            assert np.array_equal(per_object > 0.5, batched > 0.5)

@@ -14,6 +14,11 @@ What differs from the stock `SAM2VideoPredictor` workflow (JPEG folder, one obje
   Each support slice is a conditioning frame (`add_new_mask` with its reference mask, SGP / FS-MedSAM2
   style); for each target frame only the `plan.support_top_k` support slices most similar to it (cosine of
   pooled image embeddings) are attended (see `_InMemoryVideoPredictor._prepare_memory_conditioned_features`).
+* Objects are tracked as ONE batch per frame (`Sam2Model._track_frame`): sam2 1.1.0 runs every object
+  separately (batch 1) through memory attention, mask decoder and memory encoder; we run the objects whose
+  memories lie on the same frames together (batch = objects, image features shared), as SAM 2 did before
+  objects were made independent. Same results within float tolerance (tested); `batch_objects = False`
+  restores the per-object loop.
 * Corrections: each corrected slice is a conditioning frame with its exact mask per label.
 * Incremental re-run (`_Incremental`): the sam2 state of the last run is kept (one target, one plan). A re-run
   with the same plan whose only change is new corrected slices re-tracks only the frames downstream of each
@@ -334,6 +339,7 @@ class Sam2Model(SliceModel):
         self._last_run: Dict[str, object] = {}
         self._incremental: Optional[_Incremental] = None  # the last run's state (one target; see _Incremental)
         self.frames_propagated = 0  # frames sent through the tracking loop by the last propagate()
+        self.batch_objects = True  # track all objects of a run as one batch (False: sam2 1.1.0's per-object loop)
 
     # ---------------------------------------------------------------- helpers
     def _autocast(self):
@@ -588,25 +594,80 @@ class Sam2Model(SliceModel):
                 results[value][frame] = _sigmoid_at(logits[obj_index], height, width)
 
     def _track_frame(self, state, video_frame: int, reverse: bool):
-        """One frame of sam2's `propagate_in_video` for every object (no tqdm, our progress/cancel)."""
+        """One frame of sam2's `propagate_in_video` for every object (no tqdm, our progress/cancel).
+
+        Batched (`batch_objects`, default): the objects to track on this frame whose memories lie on the same
+        frames (always the case for our plans unless boxes/points differ per label) go through `track_step`
+        as ONE batch (memory attention, mask decoder and memory encoder with batch = objects; the frame's
+        image features are shared, expanded along the batch), as SAM 2 did before objects were tracked
+        independently; each object's memories are its own rows of the batch, so the result equals the
+        per-object path up to float summation order. Outputs are stored per object as before (rows of the
+        batch), so `_collect`, corrections and the incremental re-run see the same state layout."""
         torch = _torch()
         predictor = self.predictor
-        outputs = []
-        for obj_idx in range(len(state["obj_ids"])):
+        n_obj = len(state["obj_ids"])
+        pred = [None] * n_obj
+        groups: Dict[tuple, List[int]] = {}
+        for obj_idx in range(n_obj):
             obj_output_dict = state["output_dict_per_obj"][obj_idx]
             if video_frame in obj_output_dict["cond_frame_outputs"]:
                 out = obj_output_dict["cond_frame_outputs"][video_frame]
-                pred_masks = out["pred_masks"].to(state["device"], non_blocking=True)
+                pred[obj_idx] = out["pred_masks"].to(state["device"], non_blocking=True)
+            elif self.batch_objects:
+                signature = (tuple(sorted(obj_output_dict["cond_frame_outputs"])),
+                             tuple(sorted(obj_output_dict["non_cond_frame_outputs"])))
+                groups.setdefault(signature, []).append(obj_idx)
             else:
-                out, pred_masks = predictor._run_single_frame_inference(
-                    inference_state=state, output_dict=obj_output_dict, frame_idx=video_frame, batch_size=1,
-                    is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
-                    run_mem_encoder=True,
-                )
-                obj_output_dict["non_cond_frame_outputs"][video_frame] = out
+                groups[(obj_idx,)] = [obj_idx]
+        for members in groups.values():
+            if len(members) == 1:
+                output_dict = state["output_dict_per_obj"][members[0]]
+            else:
+                output_dict = self._merged_output_dict(state, members)
+            out, pred_masks = predictor._run_single_frame_inference(
+                inference_state=state, output_dict=output_dict, frame_idx=video_frame, batch_size=len(members),
+                is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
+                run_mem_encoder=True,
+            )
+            for row, obj_idx in enumerate(members):
+                if len(members) == 1:
+                    obj_out = out
+                else:
+                    obj_out = {key: (None if value is None else
+                                     [v[row : row + 1] for v in value] if isinstance(value, list) else
+                                     value[row : row + 1]) for key, value in out.items()}
+                state["output_dict_per_obj"][obj_idx]["non_cond_frame_outputs"][video_frame] = obj_out
+                pred[obj_idx] = pred_masks[row : row + 1]
+        for obj_idx in range(n_obj):
             state["frames_tracked_per_obj"][obj_idx][video_frame] = {"reverse": reverse}
-            outputs.append(pred_masks)
-        return torch.cat(outputs, dim=0)[:, 0].float()  # [n_obj, h, w] low-res logits
+        return torch.cat(pred, dim=0)[:, 0].float()  # [n_obj, h, w] low-res logits
+
+    @staticmethod
+    def _merged_output_dict(state, members: Sequence[int]) -> dict:
+        """The output dict of a batch of objects: per stored frame, the objects' memory features and object
+        pointers concatenated along the batch (what `_prepare_memory_conditioned_features` reads). Merges are
+        cached in the state, keyed by frame, and reused while every object's stored output is the same object
+        (a correction replaces it -> merged again)."""
+        torch = _torch()
+        cache = state.setdefault("merged_outputs", {})
+        merged = {}
+        for storage in ("cond_frame_outputs", "non_cond_frame_outputs"):
+            merged[storage] = {}
+            for frame in state["output_dict_per_obj"][members[0]][storage]:
+                parts = tuple(state["output_dict_per_obj"][i][storage][frame] for i in members)
+                key = (storage, frame, tuple(members))
+                hit = cache.get(key)
+                if hit is None or len(hit[0]) != len(parts) or any(a is not b for a, b in zip(hit[0], parts)):
+                    pos = parts[0]["maskmem_pos_enc"]
+                    value = {
+                        "maskmem_features": torch.cat([p["maskmem_features"] for p in parts], dim=0),
+                        "maskmem_pos_enc": None if pos is None else [x.expand(len(parts), -1, -1, -1) for x in pos],
+                        "obj_ptr": torch.cat([p["obj_ptr"] for p in parts], dim=0),
+                    }
+                    hit = (parts, value)
+                    cache[key] = hit
+                merged[storage][frame] = hit[1]
+        return merged
 
     @staticmethod
     def _start_frame(plan, target_cond_frames: Sequence[int], count: int) -> int:
