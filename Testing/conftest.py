@@ -31,3 +31,12 @@ def oblique_direction(angle_degrees: float = 25.0, tilt_degrees: float = 10.0) -
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
     return rz @ rx
+
+
+def crop_slices(volume, first: int, count: int):
+    """Slices first..first+count-1 along k, on the physically matching grid (origin moved, nothing resampled)."""
+    from proxyprompt.volume import Volume
+
+    matrix = np.array(volume.ijk_to_lps, dtype=float)
+    matrix[:3, 3] = matrix[:3, :3] @ np.array([0.0, 0.0, first]) + matrix[:3, 3]
+    return Volume(np.ascontiguousarray(volume.array[first : first + count]), matrix)

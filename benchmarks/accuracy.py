@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SlicerProxyPrompt"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _report import write_section  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "acdc"
 DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "accuracy.png"
@@ -229,17 +230,7 @@ def main(argv=None) -> int:
     if args.no_write:
         return 0
 
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    temporary = DOC.with_suffix(".md.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, DOC)
+    write_section(DOC, "accuracy", section)
 
     import matplotlib
 

@@ -38,6 +38,8 @@ START, END = "<!-- speed:start -->", "<!-- speed:end -->"
 LABELS = (1, 2, 3)
 CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 sys.path.insert(0, str(ROOT / "SlicerProxyPrompt"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _report import write_section  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -164,19 +166,6 @@ def previous_rows(skip_sizes) -> list:
     return rows
 
 
-def write_section(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    current = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        _, tail = rest.split(END, 1)
-        current = head + block + tail
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=10)
@@ -248,7 +237,7 @@ def main() -> None:
           + kept if kept else []),
     ])
     if not args.no_write:
-        write_section(text)
+        write_section(DOC, "speed", text)
     print(text)
 
 

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import Cancelled, DownloadError, InputError
+from ..errors import Cancelled, InputError
 from ..frames import bounding_box
 from .base import SliceModel, select_device
 
