@@ -66,9 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--corrections", help="labelmap on the target grid with corrected slices")
     seg.add_argument("--corrected-slices", type=_int_list,
                      help="which slices of --corrections were corrected (default: every non-empty slice)")
-    seg.add_argument("--registration-method", default="deformable", choices=["copy", "affine", "deformable"])
-    seg.add_argument("--fusion", default="vote", choices=["vote", "staple"], help="label fusion of references")
-    seg.add_argument("--top-k", type=int, help="fuse only the k references most similar to the target")
+    seg.add_argument("--registration-method", default="deformable",
+                     choices=["copy", "centred", "located", "affine", "deformable"])
+    seg.add_argument("--fusion", default="vote", choices=["vote", "staple", "mean"],
+                     help="label fusion of several references (mean: of the soft warped maps)")
+    seg.add_argument("--top-k", type=int,
+                     help="fuse the k references whose warped labels agree best (default: 3 when more than 3 are given)")
     seg.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
     seg.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -178,7 +181,8 @@ def run_segment(args) -> dict:
         result = engine.segment(
             references, target, generator=generator, labels=args.labels, slice_axis=args.slice_axis,
             corrections=corrections, corrected_slices=args.corrected_slices, cleanup=not args.no_cleanup,
-            options={"registration_method": args.registration_method, "fusion": args.fusion, "top_k": args.top_k},
+            options={"registration_method": args.registration_method, "fusion": args.fusion,
+                     "top_k": args.top_k if args.top_k else (3 if len(references) > 3 else None)},
             progress=progress,
         )
     finally:
