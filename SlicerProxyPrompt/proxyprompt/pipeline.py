@@ -81,8 +81,6 @@ def validate_target(target_image: Volume) -> None:
             f"target has {voxels:,} voxels, more than the {MAX_TARGET_VOXELS:,} this engine holds in memory; "
             "crop it to the region of interest first"
         )
-    if min(target_image.array.shape) < 2 and max(target_image.array.shape) > 1:
-        pass  # a single-slice 3D volume is allowed (one frame)
 
 
 def choose_labels(references: Sequence[ReferenceCase], labels: Optional[Sequence[int]]) -> List[int]:
