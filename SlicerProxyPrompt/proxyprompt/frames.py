@@ -74,14 +74,18 @@ class SliceStack:
         return int(self.images.shape[2])
 
     def fingerprint(self) -> str:
-        """Identifies the stack's content and geometry: cache key for image features."""
+        """Identifies the stack's content and geometry: cache key for image features (hashed once per stack)."""
         import hashlib
 
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return cached
         digest = hashlib.sha1()
         digest.update(np.ascontiguousarray(self.images).tobytes())
         digest.update(np.asarray(self.volume.ijk_to_lps).tobytes())
         digest.update(str(self.axis).encode())
-        return digest.hexdigest()
+        self.__dict__["_fingerprint"] = digest.hexdigest()  # frozen dataclass: store beside the fields
+        return self.__dict__["_fingerprint"]
 
     def labels(self, label_volume: Volume) -> np.ndarray:
         """A label volume on the same grid, sliced the same way: [N, H, W]."""

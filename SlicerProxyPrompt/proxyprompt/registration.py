@@ -781,15 +781,19 @@ def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
+def _check_fusion_arguments(fusion: str, top_k: Optional[int]) -> None:
+    if fusion not in FUSIONS:
+        raise InputError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+    if top_k is not None and top_k < 1:
+        raise InputError("top_k must be at least 1")
+
+
 def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top_k: Optional[int] = None,
                     cleanup: bool = True, select: str = "agreement") -> Tuple[Volume, dict]:
     """Rank registered references, fuse the `top_k` best (all if None); optional largest-component clean-up."""
     if not results:
         raise InputError("no registered references")
-    if fusion not in FUSIONS:
-        raise InputError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-    if top_k is not None and top_k < 1:
-        raise InputError("top_k must be at least 1")
+    _check_fusion_arguments(fusion, top_k)
     order = rank_references(results, select)
     chosen = order[:top_k] if top_k is not None else order
     fused = fuse_labels(
@@ -823,10 +827,7 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
     references = list(references)
     if not references:
         raise InputError("no reference cases")
-    if fusion not in FUSIONS:
-        raise InputError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-    if top_k is not None and top_k < 1:
-        raise InputError("top_k must be at least 1")
+    _check_fusion_arguments(fusion, top_k)
     results: List[RegisteredCase] = []
     for index, (image, label) in enumerate(references):
         _check_cancel(cancel)
