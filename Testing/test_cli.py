@@ -30,7 +30,8 @@ def test_segment_and_evaluate_end_to_end_through_the_console_command(acdc, tmp_p
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)  # exactly one JSON object on stdout; logs went to stderr
     assert summary["output"] == str(output) and summary["generator"] == "registration"
-    assert summary["model"] == "none" and summary["slices"] == 10 and summary["seconds"]["total"] > 0
+    assert summary["model"] == "none" and summary["precision"] == "fp32"
+    assert summary["slices"] == 10 and summary["seconds"]["total"] > 0
     assert summary["labels"] == {"1": "right ventricle", "2": "myocardium", "3": "left ventricle"}
 
     target = read_image(acdc / "patient002_ED_image.nii.gz")

@@ -32,7 +32,8 @@ def load_case(name: str, first: int, count: int):
 @pytest.fixture(scope="module")
 def engine():
     torch.set_num_threads(2)
-    return Engine(model="random", image_size=512, device="cpu")
+    # fp32: the equivalence tests below compare code paths at float tolerance; bf16 has its own test
+    return Engine(model="random", image_size=512, device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +247,29 @@ def test_batched_objects_equal_per_object_path(engine, five):
             per_object, batched = outputs[False][run][value], outputs[True][run][value]
             assert np.abs(per_object - batched).max() < 1e-4
             assert np.array_equal(per_object > 0.5, batched > 0.5)
+
+
+def test_bf16_autocast_matches_fp32(engine, five):
+    """The bf16 path (default on CUDA and on CPUs with native bf16) computes the same probabilities as fp32
+    within bf16 rounding. Random weights put every probability near 0.5, so labels are compared through the
+    probability maps, not thresholds."""
+    frames, labels = five
+    model = engine.model
+    plan = mask_plan(labels, values=(1, 2, 3))
+    outputs = {}
+    try:
+        for precision in ("fp32", "bf16"):
+            model.precision = precision
+            model._feature_cache.clear()  # features are computed under the precision of the run
+            model._incremental = None
+            outputs[precision] = model.propagate(frames, plan)
+    finally:
+        model.precision = "fp32"
+        model._feature_cache.clear()
+        model._incremental = None
+    for value in (1, 2, 3):
+        full, half = outputs["fp32"][value], outputs["bf16"][value]
+        assert half.dtype == np.float32 and half.shape == full.shape
+        assert np.abs(full - half).mean() < 2e-3
+        assert np.corrcoef(full.ravel(), half.ravel())[0, 1] > 0.99
+        assert np.array_equal(full[2] > 0.5, half[2] > 0.5)  # the conditioning frame keeps its given mask

@@ -5,7 +5,10 @@ real model's compute), on this machine, at 1024 and 512 px:
   (a) naive: slices written as 8-bit JPEGs (per-slice min-max, as existing extensions do), stock
       `SAM2VideoPredictor.init_state(video_path=folder)`, `add_new_mask` per structure on the middle slice,
       `propagate_in_video` forward then reverse;
-  (b) ours, first run: `Engine.segment` with a mask-on-a-frame plan (the same middle-slice masks);
+  (b) ours, first run: `Engine.segment` with a mask-on-a-frame plan (the same middle-slice masks), at the
+      engine's default precision (`--precision auto`: bf16 autocast on CUDA and on CPUs with native bf16,
+      i.e. AMX / AVX512-BF16; float32 elsewhere);
+  (b') the same forced to float32 (so the table separates the bf16 gain from the rest);
   (c) ours, re-run after one corrected slice (same Engine: cached image features; incremental: only the
       frames downstream of the corrected slice are re-tracked, the others keep the first run's output).
 Each configuration runs in its own subprocess, so its peak RSS is its own. Writes only the section between
@@ -96,7 +99,7 @@ def naive(case: str, slices: int, size: int) -> dict:
     return {"seconds": seconds, "slices": frames.num_slices, "frames_out": len(outputs)}
 
 
-def ours(case: str, slices: int, size: int, rerun: bool) -> dict:
+def ours(case: str, slices: int, size: int, rerun: bool, precision: str = "auto") -> dict:
     import torch
     from proxyprompt.generators.base import Generator, ObjectPrompt, PromptPlan, ReferenceCase, register_generator
     from proxyprompt.pipeline import Engine
@@ -111,12 +114,13 @@ def ours(case: str, slices: int, size: int, rerun: bool) -> dict:
             objects = {v: ObjectPrompt(label=v, masks={anchor: label_stack[anchor] == v}) for v in LABELS}
             return PromptPlan(objects=objects, start_frame=anchor)
 
-    engine = Engine(model="random", image_size=size, device="cpu")
+    engine = Engine(model="random", image_size=size, device="cpu", precision=precision)
     reference = ReferenceCase(image, label, table)
     started = time.perf_counter()
     first = engine.segment([reference], image, generator="bench-mask-on-frame")
     result = {"seconds": time.perf_counter() - started, "slices": frames.num_slices,
-              "encoder_calls": engine.model.encoder_calls, "timings": first.timings}
+              "encoder_calls": engine.model.encoder_calls, "timings": first.timings,
+              "precision": engine.model.precision}
     if rerun:
         corrected = min(anchor + 2, frames.num_slices - 1)
         corrections = label.with_array(np.where(np.isin(label.array, LABELS), label.array, 0).astype(np.uint16))
@@ -127,7 +131,8 @@ def ours(case: str, slices: int, size: int, rerun: bool) -> dict:
         result = {"seconds": time.perf_counter() - started, "slices": frames.num_slices,
                   "encoder_calls_added": engine.model.encoder_calls - calls, "timings": second.timings,
                   "corrected": corrected, "anchor": anchor, "frames_propagated": engine.model.frames_propagated,
-                  "incremental": bool(engine.model._last_run.get("incremental"))}
+                  "incremental": bool(engine.model._last_run.get("incremental")),
+                  "precision": engine.model.precision}
     return result
 
 
@@ -137,6 +142,8 @@ def worker(kind: str, case: str, slices: int, size: int) -> None:
     torch.set_num_threads(2)
     if kind == "a":
         result = naive(case, slices, size)
+    elif kind == "b32":  # ours, first run, forced float32: separates the bf16 gain from the rest
+        result = ours(case, slices, size, rerun=False, precision="fp32")
     else:
         result = ours(case, slices, size, rerun=(kind == "c"))
     result["peak_rss_mb"] = peak_rss_mb()
@@ -171,7 +178,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=10)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
     parser.add_argument("--case", default="patient001_ED")
-    parser.add_argument("--worker", choices=["a", "b", "c"])
+    parser.add_argument("--worker", choices=["a", "b", "b32", "c"])
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--rss-slices", type=int, default=0,
                         help="also run (b)+(c) at 1024 px on this many slices (ED+ES stacked) for peak RSS")
@@ -181,22 +188,25 @@ def main() -> None:
         return
     rows, raw = [], {}
     for size in args.sizes:
-        results = {kind: run_config(kind, args.case, args.slices, size) for kind in ("a", "b", "c")}
+        results = {kind: run_config(kind, args.case, args.slices, size) for kind in ("a", "b", "b32", "c")}
         raw[size] = results
         a, b, c = (results[k]["seconds"] for k in ("a", "b", "c"))
         n = results["a"]["slices"]
         c_info = results["c"]
-        names = {"a": "(a) naive: JPEG folder + stock predictor",
-                 "b": f"(b) ours, first run (encode {results['b']['timings']['encode']:.1f} s + propagate "
-                      f"{results['b']['timings']['propagate']:.1f} s)",
+        names = {"a": "(a) naive: JPEG folder + stock predictor (float32, as sam2 runs on a CPU)",
+                 "b": f"(b) ours, first run, {results['b']['precision']} (encode "
+                      f"{results['b']['timings']['encode']:.1f} s + propagate {results['b']['timings']['propagate']:.1f} s)",
+                 "b32": f"(b') ours, first run forced to fp32 (encode {results['b32']['timings']['encode']:.1f} s + "
+                        f"propagate {results['b32']['timings']['propagate']:.1f} s)",
                  "c": f"(c) ours, re-run after 1 corrected slice ({c_info['encoder_calls_added']} encoder calls, "
                       f"{'incremental' if c_info['incremental'] else 'full'}: slice {c_info['corrected']} corrected, "
                       f"{c_info['frames_propagated']} of {n} frames re-tracked)"}
-        for kind in ("a", "b", "c"):
+        for kind in ("a", "b", "b32", "c"):
             r = results[kind]
             rows.append(f"| {size} | {names[kind]} | {r['seconds'] / n:.2f} | {r['seconds']:.1f} | "
                         f"{r['peak_rss_mb']:.0f} |")
-        rows.append(f"| {size} | ratios | a/b = {a / b:.2f}x | b/c = {b / c:.2f}x | |")
+        b32 = results["b32"]["seconds"]
+        rows.append(f"| {size} | ratios | a/b = {a / b:.2f}x (a/b' = {a / b32:.2f}x) | b/c = {b / c:.2f}x | |")
         print(json.dumps({size: results}, indent=1), flush=True)
     rss_line = []
     if args.rss_slices:
@@ -221,6 +231,8 @@ def main() -> None:
         "prompts: each structure's ground-truth mask on the middle slice (the same for (a), (b), (c)).",
         "Model: sam2.1 hiera tiny architecture with RANDOM weights (same compute as the real model; "
         "these are timings, not accuracy). Model build time excluded; (a) includes writing the JPEGs.",
+        "(a) runs float32 (the stock predictor adds no autocast on a CPU); (b) and (c) run at the engine's "
+        "default precision (`auto`: bf16 on this CPU, which has AMX); (b') is (b) forced to float32.",
         "(c) is incremental: the model keeps the first run's sam2 state (same target, same plan) and re-tracks "
         "only the frames downstream of the corrected slice (away from the start slice, up to the next "
         "conditioning slice or the volume end); the other slices keep the first run's output. Its time also "

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--checkpoint", help="model checkpoint file (overrides the registry)")
     seg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     seg.add_argument("--image-size", type=int, help="model input size (SAM 2: 1024 or 512)")
+    seg.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                     help="model arithmetic; auto = bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16)")
     seg.add_argument("--labels", type=_int_list, help="label values to segment, e.g. 1,3 (default: all)")
     seg.add_argument("--slice-axis", type=int, choices=[0, 1, 2],
                      help="array axis to slice along (0 = k); default: the axis with the largest spacing")
@@ -173,7 +175,8 @@ def run_segment(args) -> dict:
     model, generator = resolve_model_choice(args.model, args.generator)
     read_seconds = time.perf_counter() - started
 
-    engine = Engine(model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size)
+    engine = Engine(model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
+                    precision=args.precision)
     if engine.model is not None and engine.model.is_random:
         log.warning("model '%s' has RANDOM weights: the output tests the pipeline, it is not a segmentation", model)
     progress = TqdmProgress(enabled=not args.quiet)
@@ -198,6 +201,7 @@ def run_segment(args) -> dict:
         "generator": result.info["generator"],
         "model": result.info["model"],
         "device": result.info["device"],
+        "precision": result.info["precision"],
         "random_weights": result.info["random_weights"],
         "slices": result.info["slices"],
         "slice_axis": result.info["slice_axis"],

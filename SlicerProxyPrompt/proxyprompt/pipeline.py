@@ -122,12 +122,13 @@ class Engine:
     """Holds one model (and its cached image features) across runs, as the Slicer module's process does."""
 
     def __init__(self, model: str = "none", checkpoint: Optional[str] = None, device: str = "auto",
-                 image_size: Optional[int] = None) -> None:
+                 image_size: Optional[int] = None, precision: str = "auto") -> None:
         from .models.base import load_model
         from .models.registry import get_model_spec
 
         self.model_spec = get_model_spec(model)
-        self.model = load_model(model, checkpoint=checkpoint, device=device, image_size=image_size)
+        self.model = load_model(model, checkpoint=checkpoint, device=device, image_size=image_size,
+                                precision=precision)
         self.device = self.model.device if self.model is not None else "cpu"
         self._frames_cache: Dict[tuple, SliceStack] = {}
 
@@ -225,6 +226,7 @@ class Engine:
             "generator": plugin.name,
             "model": self.model_name,
             "device": self.device,
+            "precision": self.model.precision if self.model is not None else "fp32",
             "random_weights": bool(self.model is not None and self.model.is_random),
             "slices": frames.num_slices,
             "slice_axis": frames.axis,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from contextlib import nullcontext
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -40,7 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import Cancelled, InputError
-from .base import SliceModel, select_device
+from .base import SliceModel, autocast, select_device, select_precision
 
 log = logging.getLogger("proxyprompt")
 
@@ -312,9 +311,8 @@ class Sam2Model(SliceModel):
     """SAM 2 / 2.1 video predictor over a target's slices (see the module docstring)."""
 
     def __init__(self, spec, checkpoint=None, device: str = "auto", image_size: Optional[int] = None,
-                 encode_batch: Optional[int] = None) -> None:
+                 encode_batch: Optional[int] = None, precision: str = "auto") -> None:
         super().__init__()
-        torch = _torch()
         self.spec = spec
         self.name = spec.name
         self.family = spec.family
@@ -323,6 +321,7 @@ class Sam2Model(SliceModel):
         if self.image_size not in (512, 1024):
             raise InputError(f"--image-size must be 1024 or 512 for SAM 2 models, got {self.image_size}")
         self.device = select_device(device)
+        self.precision = select_precision(precision, self.device)
         if self.is_random:
             if checkpoint is not None:
                 raise InputError("model 'random' uses no checkpoint; drop --checkpoint or pick a SAM 2 model")
@@ -343,10 +342,7 @@ class Sam2Model(SliceModel):
 
     # ---------------------------------------------------------------- helpers
     def _autocast(self):
-        torch = _torch()
-        if self.device == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.device, self.precision)
 
     def _encode_images(self, images: np.ndarray, progress=None, cancel=None, phase="encode") -> FrameFeatures:
         """Backbone outputs of [N, H, W] slices, batched; counts `encoder_calls`."""

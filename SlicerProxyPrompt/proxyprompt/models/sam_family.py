@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import Cancelled, InputError
 from ..frames import bounding_box
-from .base import SliceModel, select_device
+from .base import SliceModel, autocast, select_device, select_precision
 
 log = logging.getLogger("proxyprompt")
 
@@ -131,7 +131,7 @@ class SamFamilyModel(SliceModel):
 
     def __init__(self, spec, checkpoint=None, device: str = "auto", image_size: Optional[int] = None,
                  random_weights: bool = False, preprocessing: str = "official", verify_checkpoint: bool = True,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, precision: str = "auto") -> None:
         super().__init__()
         import torch
 
@@ -148,6 +148,8 @@ class SamFamilyModel(SliceModel):
             raise InputError(f"preprocessing must be one of {PREPROCESSING}")
         self.preprocessing = preprocessing
         self.device = select_device(device)
+        # the image encoder (almost all of the time) runs under autocast; the prompt encoder / decoder stay fp32
+        self.precision = select_precision(precision, self.device)
         self.batch_size = max(1, int(batch_size))
         self.checkpoint_path = None
         self.is_random = bool(random_weights)
@@ -283,7 +285,9 @@ class SamFamilyModel(SliceModel):
             for start in range(0, total, self.batch_size):
                 _check_cancel(cancel)
                 batch = self._preprocess(images[start:start + self.batch_size]).to(self.device)
-                embeddings.append(self.net.image_encoder(batch).float().cpu())
+                with autocast(self.device, self.precision):
+                    embedding = self.net.image_encoder(batch)
+                embeddings.append(embedding.float().cpu())
                 self.encoder_calls += int(batch.shape[0])
                 if progress is not None:
                     progress("encode", min(start + self.batch_size, total), total)
