@@ -86,8 +86,97 @@ def test_plan_for_sam_family_puts_masks_on_the_start_frame(acdc):
     plan, frames = plan_for(reference, target, "litemedsam")
     assert plan.support == []
     for prompt in plan.objects.values():
-        assert set(prompt.masks) == {plan.start_frame} == set(prompt.boxes)
+        assert set(prompt.masks) == {plan.start_frame}
+        assert plan.start_frame in prompt.boxes and 1 <= len(prompt.boxes) <= 3  # conditioning slices
+        frames_with_boxes = sorted(prompt.boxes)
+        assert all(b - a >= 2 for a, b in zip(frames_with_boxes, frames_with_boxes[1:]))  # spread out
         assert prompt.masks[plan.start_frame].shape == (frames.height, frames.width)
+
+
+def _box_iou(a, b):
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0 + 1) * max(0.0, y1 - y0 + 1)
+    area = lambda q: (q[2] - q[0] + 1) * (q[3] - q[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_sam_family_conditioning_is_aligned_onto_the_target():
+    """Cross-patient pair where the heart sits elsewhere in the target's field of view: the reference
+    slice's masks put on the target unaligned (centred, the old behaviour) miss the target's ventricles;
+    aligned, the conditioning boxes overlap them."""
+    from proxyprompt.frames import bounding_box
+
+    ref_image = read_image(DATA / "patient011_ED_image.nii.gz")
+    ref_label, table = read_label(DATA / "patient011_ED_label.nii.gz")
+    target = read_image(DATA / "patient008_ED_image.nii.gz")
+    truth_volume, _ = read_label(DATA / "patient008_ED_label.nii.gz")
+    reference = ReferenceCase(ref_image, ref_label, table)
+    plan, frames = plan_for(reference, target, "litemedsam")
+    truth = frames.labels(truth_volume)
+    ref_stack = make_slice_stack(ref_image)
+    ref_labels = ref_stack.labels(ref_label)
+    source = int(plan.notes[-1].split("reference slice ")[1].split()[0])
+    start = plan.start_frame
+    for value in (1, 3):  # RV and LV
+        truth_box = bounding_box(truth[start] == value)
+        assert truth_box is not None
+        aligned = plan.objects[value].masks[start]
+        unaligned = resample_to_grid((ref_labels[source] == value).astype(np.float32), ref_stack.pixel_spacing,
+                                     (frames.height, frames.width), frames.pixel_spacing, nearest=True) > 0.5
+        assert _box_iou(bounding_box(aligned), truth_box) > 0.5
+        assert _box_iou(bounding_box(unaligned), truth_box) < 0.2
+        for frame, box in plan.objects[value].boxes.items():  # every conditioning slice
+            if (truth[frame] == value).any():
+                assert _box_iou(box, bounding_box(truth[frame] == value)) > 0.3
+
+
+def test_sam_family_alignment_follows_a_shifted_rotated_target():
+    """Synthetic: the target is the reference moved by (12 mm, -18 mm) and rotated 15 degrees, on a grid
+    of another pixel spacing; the conditioning masks land on the moved structures."""
+    from proxyprompt.generators.support_memory import _sample, _source_coords
+    from proxyprompt.volume import Volume
+
+    rng = np.random.default_rng(3)
+    size, spacing = 96, 1.5
+    yy, xx = (np.mgrid[0:size, 0:size] - size / 2.0) * spacing  # mm
+    texture = rng.normal(size=(size, size))
+    for _ in range(4):  # smooth, structured background
+        texture = (texture + np.roll(texture, 1, 0) + np.roll(texture, -1, 0) + np.roll(texture, 1, 1)
+                   + np.roll(texture, -1, 1)) / 5.0
+    slices, labels = [], []
+    for k in range(5):
+        radius = 16.0 - 2.0 * abs(k - 2)
+        r = np.hypot(yy + 10, xx + 8)
+        lv = r < radius
+        myo = (r >= radius) & (r < radius + 6)
+        rv = (np.hypot(yy + 8, xx - 22) < radius * 0.9) & ~lv & ~myo
+        image = 0.3 + 0.4 * texture / texture.std() * 0.2 + 0.5 * lv + 0.35 * rv - 0.15 * myo
+        image[np.hypot(yy - 20, xx + 20) < 9] += 0.6  # another structure, fixed relative to the heart
+        slices.append(image)
+        labels.append(np.where(lv, 3, np.where(myo, 2, np.where(rv, 1, 0))))
+    ref_array, ref_lab = np.stack(slices).astype(np.float32), np.stack(labels).astype(np.uint16)
+    reference = ReferenceCase(Volume.from_geometry(ref_array, (spacing, spacing, 8.0), (0, 0, 0)),
+                              Volume.from_geometry(ref_lab, (spacing, spacing, 8.0), (0, 0, 0)),
+                              {1: "RV", 2: "MYO", 3: "LV"})
+    # target: 110 x 110 px of 1.25 mm; target point p comes from reference point R(-15 deg) (p - shift)
+    t_size, t_spacing, shift, angle = 110, 1.25, np.array([12.0, -18.0]), 15.0
+    rows, cols = np.mgrid[0:t_size, 0:t_size].astype(np.float64)
+    centre_t, centre_r = (t_size - 1) / 2.0, (size - 1) / 2.0
+    offset_r = ((rows - centre_t) * t_spacing - shift[0]) / t_spacing
+    offset_c = ((cols - centre_t) * t_spacing - shift[1]) / t_spacing
+    src_r, src_c = _source_coords(offset_r, offset_c, (0.0, 0.0), angle, 1.0, (t_spacing, t_spacing))
+    src_r, src_c = centre_r + src_r * t_spacing / spacing, centre_r + src_c * t_spacing / spacing
+    t_images = np.stack([_sample(im, src_r, src_c) for im in ref_array]).astype(np.float32)
+    t_labels = np.stack([_sample(lab, src_r, src_c, nearest=True) for lab in ref_lab])
+    target = Volume.from_geometry(t_images, (t_spacing, t_spacing, 8.0), (0, 0, 0))
+    frames = make_slice_stack(target)
+    context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel("litemedsam"), {})
+    plan = get_generator("support-memory").plan(context)
+    start = plan.start_frame
+    for value in (1, 2, 3):
+        mask, truth = plan.objects[value].masks[start], t_labels[start] == value
+        dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+        assert dice > 0.7, (value, dice)
 
 
 def test_sparse_reference_plan(acdc):

@@ -10,18 +10,38 @@ Propagation starts at the target slice that best matches an annotated reference 
 penalised by the difference in relative z-position) and runs both ways. Each structure's `frame_range` is
 its relative slice extent in the reference mapped onto the target (plus a margin).
 
-With a SAM-family model (no memory), the most similar reference slice's masks (and their boxes) are put on
-the best-matching target slice as `ObjectPrompt.masks` / `.boxes`; the model propagates slice by slice.
+With a SAM-family model (no memory) the reference slices instead give the conditioning slices' prompts,
+after locating the structures in the target (`_aligned_conditioning`): the reference's structures may sit
+anywhere in the target's field of view, so the support slices (already on the target's pixel grid, physical size
+kept) are aligned in 2D before their masks are used.
+* Global alignment (`global_alignment`), per reference: one similarity transform (rotation -30..30 deg x
+  scale 0.8..1.4, acting on millimetres, x every translation) found by masked normalised cross-correlation
+  (numpy FFT, window sums from integral images). The template is each support slice's image around its
+  annotated structures plus TEMPLATE_MARGIN_MM of context; each target slice takes, at each position, the
+  best NCC over the support slices, and the mean over target slices is maximised (no slice correspondence
+  needed, robust to single-slice false matches).
+* Per pair (target slice, support slice showing every requested structure, relative z within
+  CANDIDATE_Z_WINDOW): a local refinement (+-REFINE_WINDOW_MM, +-10 deg, +-8 % scale), scored by its NCC
+  minus Z_WEIGHT x the relative-z difference. The best pair is the start frame; up to
+  `conditioning_slices` (default DEFAULT_CONDITIONING) pairs are kept, MIN_CONDITIONING_GAP slices apart and
+  in the reference's slice order.
+* The support slice's masks, warped by the pair's transform, are the start frame's `ObjectPrompt.masks`
+  (exact seeds; they also tell the model which label is a ring and how thick it is); every conditioning
+  slice gets the warped masks' `ObjectPrompt.boxes`, which the model segments itself (option
+  `conditioning_masks`: how many of the best conditioning slices get masks too, default 1: measured,
+  warped masks as seeds on every conditioning slice lowered Dice because seeds are copied unrefined).
+  The model then propagates slice by slice from them, both ways, within each structure's `frame_range`.
 A sparse reference (a label on only a few slices) works: only the annotated slices are used.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import Cancelled, InputError
 from ..frames import SliceStack, bounding_box, make_slice_stack
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, SupportSlice, register_generator
 
@@ -29,6 +49,17 @@ DEFAULT_TOP_K = 4
 DEFAULT_MAX_SUPPORT = 12
 Z_WEIGHT = 0.5  # start-frame score = cosine - Z_WEIGHT * |relative z difference|
 RANGE_MARGIN = 1  # slices added on each side of a structure's expected slice range
+
+# SAM-family path: 2D alignment of reference slices onto target slices (masked NCC search)
+ALIGN_ANGLES = (-30.0, -15.0, 0.0, 15.0, 30.0)  # degrees, global search
+ALIGN_SCALES = (0.8, 0.9, 1.0, 1.12, 1.25, 1.4)  # global search (target size / reference size)
+REFINE_ANGLES = (-10.0, 0.0, 10.0)  # per-slice refinement around the global alignment
+REFINE_SCALES = (0.92, 1.0, 1.08)
+REFINE_WINDOW_MM = 10.0  # per-slice translation search around the global alignment
+TEMPLATE_MARGIN_MM = 25.0  # context kept around the annotated structures in a template
+DEFAULT_CONDITIONING = 3  # conditioning target slices (SAM family)
+MIN_CONDITIONING_GAP = 2  # slices between two conditioning slices, at least
+CANDIDATE_Z_WINDOW = 0.3  # (target slice, support slice) pairs compared: relative z within this
 
 
 def resample_to_grid(image: np.ndarray, spacing: Tuple[float, float], target_shape: Tuple[int, int],
@@ -79,6 +110,172 @@ def support_embeddings(model, images: np.ndarray) -> Optional[np.ndarray]:
     return np.asarray(embed(images))
 
 
+# --- 2D alignment of reference slices onto target slices (SAM-family path) ---------------------------------
+@dataclass
+class SliceAlignment:
+    """A 2D similarity transform (physical rotation + isotropic scale + translation) that puts the point
+    `source_centre` of a support slice on `target_centre` of a target slice; both (row, col) pixels on the
+    target's in-plane grid. `score`: normalised cross-correlation of the template at that placement."""
+
+    score: float
+    angle: float  # degrees
+    scale: float  # target size / reference size
+    source_centre: Tuple[float, float]
+    target_centre: Tuple[float, float]
+
+
+def _source_coords(offset_rows, offset_cols, alignment_centre, angle, scale, spacing):
+    """Target-grid offsets (pixels, from the matched point) -> support-slice pixel coordinates. Rotation and
+    scale act on physical millimetres, so anisotropic pixels are handled."""
+    row_mm, col_mm = offset_rows * spacing[0], offset_cols * spacing[1]
+    radians = np.radians(angle)
+    cos, sin = np.cos(radians), np.sin(radians)
+    col_src = (cos * col_mm + sin * row_mm) / scale
+    row_src = (-sin * col_mm + cos * row_mm) / scale
+    return alignment_centre[0] + row_src / spacing[0], alignment_centre[1] + col_src / spacing[1]
+
+
+def _sample(image, rows, cols, nearest=False):
+    """Image values at fractional pixel coordinates (bilinear, or nearest); 0 outside."""
+    height, width = image.shape
+    if nearest:
+        r, c = np.rint(rows).astype(int), np.rint(cols).astype(int)
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        out = np.zeros(rows.shape, dtype=image.dtype)
+        out[inside] = image[r[inside], c[inside]]
+        return out
+    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    fr, fc = rows - r0, cols - c0
+    out = np.zeros(rows.shape, dtype=np.float64)
+    for dr, wr in ((0, 1.0 - fr), (1, fr)):
+        for dc, wc in ((0, 1.0 - fc), (1, fc)):
+            r, c = r0 + dr, c0 + dc
+            inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+            out[inside] += (wr * wc)[inside] * image[r[inside], c[inside]]
+    return out
+
+
+def _union(masks) -> np.ndarray:
+    union = None
+    for mask in masks:
+        union = mask.copy() if union is None else (union | mask)
+    return union
+
+
+def _box_centre(mask) -> Tuple[float, float]:
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (rows[0] + rows[-1]) / 2.0, (cols[0] + cols[-1]) / 2.0
+
+
+class _NccTarget:
+    """One target slice prepared for masked normalised cross-correlation with rectangular templates (FFT
+    correlation, window sums from integral images)."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = np.asarray(image, dtype=np.float64)
+        self.fft = np.fft.rfft2(self.image)
+        padded = np.pad(self.image, ((1, 0), (1, 0)))
+        self.sum1 = padded.cumsum(0).cumsum(1)
+        self.sum2 = (padded ** 2).cumsum(0).cumsum(1)
+        self.variance = float(self.image.var())
+
+    @staticmethod
+    def _windows(table, h, w):
+        return table[h:, w:] - table[:-h, w:] - table[h:, :-w] + table[:-h, :-w]
+
+    def centre_map(self, template: np.ndarray, half: Tuple[int, int]) -> np.ndarray:
+        """NCC of the template for each position of its centre pixel [H, W]; -1 where it does not fit or
+        where the window has (almost) no contrast."""
+        height, width = self.image.shape
+        h, w = template.shape
+        out = np.full((height, width), -1.0)
+        centred = template - template.mean()
+        norm = float(np.sqrt((centred ** 2).sum()))
+        if norm < 1e-9 or h > height or w > width:
+            return out
+        correlation = np.fft.irfft2(self.fft * np.conj(np.fft.rfft2(centred, s=(height, width))),
+                                    s=(height, width))[:height - h + 1, :width - w + 1]
+        count = h * w
+        sum1, sum2 = self._windows(self.sum1, h, w), self._windows(self.sum2, h, w)
+        variance = np.maximum(sum2 - sum1 ** 2 / count, 0.0)
+        floor = 0.05 * self.variance * count
+        ncc = np.where(variance > floor, correlation / (np.sqrt(np.maximum(variance, floor)) * norm), -1.0)
+        out[half[0]:half[0] + ncc.shape[0], half[1]:half[1] + ncc.shape[1]] = ncc
+        return out
+
+
+def _template(support: SupportSlice, centre, angle, scale, spacing, shape, margin_mm):
+    """The support slice's image around its annotated structures (plus margin_mm), rotated and scaled,
+    as it would look on the target grid; the template's centre pixel is the support point `centre`."""
+    union = _union(support.masks.values())
+    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+    half_r = (max(centre[0] - rows[0], rows[-1] - centre[0]) + margin_mm / spacing[0]) * scale
+    half_c = (max(centre[1] - cols[0], cols[-1] - centre[1]) + margin_mm / spacing[1]) * scale
+    half = (int(round(min(half_r, (shape[0] - 1) / 2.0 - 1))), int(round(min(half_c, (shape[1] - 1) / 2.0 - 1))))
+    off_r, off_c = np.mgrid[-half[0]:half[0] + 1, -half[1]:half[1] + 1].astype(np.float64)
+    src_r, src_c = _source_coords(off_r, off_c, centre, angle, scale, spacing)
+    return _sample(support.image, src_r, src_c), half
+
+
+def global_alignment(supports: List[SupportSlice], targets: List["_NccTarget"], spacing,
+                     angles=ALIGN_ANGLES, scales=ALIGN_SCALES, margin_mm=TEMPLATE_MARGIN_MM,
+                     cancel=None) -> SliceAlignment:
+    """One similarity transform for a whole reference onto the whole target stack: for each rotation x
+    scale, every target slice takes, at each position, the best NCC over the support slices (so no slice
+    correspondence is needed); the mean over target slices is maximised. The support point is the centre
+    of the box around all support slices' annotations (one reference: one physical point)."""
+    centre = _box_centre(_union(_union(s.masks.values()) for s in supports))
+    shape = targets[0].image.shape
+    best = None
+    for angle in angles:
+        for scale in scales:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled by the user")
+            templates = [_template(s, centre, angle, scale, spacing, shape, margin_mm) for s in supports]
+            total = np.zeros(shape)
+            for target in targets:
+                best_here = np.full(shape, -1.0)
+                for template, half in templates:
+                    best_here = np.maximum(best_here, target.centre_map(template, half))
+                total += best_here
+            total /= len(targets)
+            index = np.unravel_index(int(np.argmax(total)), shape)
+            if best is None or total[index] > best.score:
+                best = SliceAlignment(float(total[index]), float(angle), float(scale), centre,
+                                      (float(index[0]), float(index[1])))
+    return best
+
+
+def refine_alignment(support: SupportSlice, target: "_NccTarget", start: SliceAlignment, spacing,
+                     window_mm=REFINE_WINDOW_MM, angles=REFINE_ANGLES, scales=REFINE_SCALES,
+                     margin_mm=TEMPLATE_MARGIN_MM) -> SliceAlignment:
+    """The best NCC placement of one support slice on one target slice near a starting alignment
+    (translation within window_mm, small rotation / scale changes)."""
+    height, width = target.image.shape
+    row, col = int(round(start.target_centre[0])), int(round(start.target_centre[1]))
+    wr, wc = max(int(round(window_mm / spacing[0])), 1), max(int(round(window_mm / spacing[1])), 1)
+    r0, r1, c0, c1 = max(row - wr, 0), min(row + wr + 1, height), max(col - wc, 0), min(col + wc + 1, width)
+    best = None
+    for d_angle in angles:
+        for d_scale in scales:
+            angle, scale = start.angle + d_angle, start.scale * d_scale
+            template, half = _template(support, start.source_centre, angle, scale, spacing, (height, width), margin_mm)
+            window = target.centre_map(template, half)[r0:r1, c0:c1]
+            index = np.unravel_index(int(np.argmax(window)), window.shape)
+            if best is None or window[index] > best.score:
+                best = SliceAlignment(float(window[index]), float(angle), float(scale), start.source_centre,
+                                      (float(r0 + index[0]), float(c0 + index[1])))
+    return best
+
+
+def warp_masks(masks: Dict[int, np.ndarray], alignment: SliceAlignment, shape, spacing) -> Dict[int, np.ndarray]:
+    """Support-slice masks moved onto the target slice by the alignment (nearest neighbour)."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    src_r, src_c = _source_coords(rows - alignment.target_centre[0], cols - alignment.target_centre[1],
+                                  alignment.source_centre, alignment.angle, alignment.scale, spacing)
+    return {value: _sample(mask, src_r, src_c, nearest=True).astype(bool) for value, mask in masks.items()}
+
+
 @register_generator
 class SupportMemoryGenerator(Generator):
     name = "support-memory"
@@ -95,7 +292,7 @@ class SupportMemoryGenerator(Generator):
         family = getattr(model, "family", "none")
         labels = [int(v) for v in context.labels]
 
-        support, extents, support_z = self._support_slices(context, frames, labels, max_support)
+        support, extents, support_z, groups = self._support_slices(context, frames, labels, max_support)
         if not support:
             raise InputError("the reference holds none of the requested labels on any slice")
 
@@ -134,16 +331,24 @@ class SupportMemoryGenerator(Generator):
 
         plan = PromptPlan(objects=objects, support_top_k=top_k, start_frame=int(best_frame))
         if family in ("sam", "litemedsam"):
-            # no memory: the best-matching reference slice's masks prompt the best-matching target slice
-            chosen = support[best_support]
-            for value in labels:
-                mask = chosen.masks.get(value)
-                if mask is not None and mask.any():
-                    objects[value].masks[int(best_frame)] = mask.copy()
-                    objects[value].boxes[int(best_frame)] = bounding_box(mask)
+            # no memory: reference slices, aligned in 2D onto their best-matching target slices, give the
+            # conditioning slices' masks and boxes; the model propagates slice by slice from them
+            wanted = int(options.get("conditioning_slices") or DEFAULT_CONDITIONING)
+            chosen = self._aligned_conditioning(support, groups, support_z, coverage, frames, wanted, context.cancel)
+            mask_frames = int(options.get("conditioning_masks", 1))
+            for rank, (frame, index, alignment, warped) in enumerate(chosen):
+                for value in labels:
+                    mask = warped.get(value)
+                    if mask is not None and mask.any():
+                        if rank < mask_frames:
+                            objects[value].masks[frame] = mask
+                        objects[value].boxes[frame] = bounding_box(mask)
+            plan.start_frame = chosen[0][0]
             plan.notes.append(
-                f"support-memory (SAM family): reference slice {chosen.source_index} prompts target slice "
-                f"{best_frame} ({similarity_source})")
+                "support-memory (SAM family): " + "; ".join(
+                    f"reference slice {support[index].source_index} aligned onto target slice {frame} "
+                    f"(NCC {alignment.score:.2f}, {alignment.angle:+.0f} deg, x{alignment.scale:.2f})"
+                    for frame, index, alignment, _ in chosen))
         else:
             plan.support = support
             plan.notes.append(
@@ -153,15 +358,65 @@ class SupportMemoryGenerator(Generator):
         return plan
 
     @staticmethod
+    def _aligned_conditioning(support: List[SupportSlice], groups: List[int], support_z, coverage,
+                              frames: SliceStack, wanted: int, cancel=None):
+        """[(target frame, support index, SliceAlignment, warped masks)], best first: up to `wanted` target
+        slices, each with the support slice that matches it best once aligned.
+
+        Per reference: one global 2D similarity transform (`global_alignment`), then each pair (target
+        slice, support slice showing every requested structure) is refined locally (`refine_alignment`)
+        and scored by its NCC minus Z_WEIGHT x the difference in relative z. The best pair comes first;
+        further ones keep MIN_CONDITIONING_GAP slices apart and the reference's slice order."""
+        spacing = frames.pixel_spacing
+        shape = (frames.height, frames.width)
+        targets = [_NccTarget(image) for image in frames.images]
+        count = frames.num_slices
+        target_z = np.array([_relative_z(i, count) for i in range(count)])
+        anchors = set(int(i) for i in np.flatnonzero(coverage == coverage.max()))
+        candidates = []  # (score, frame, support index, alignment)
+        for group in sorted(set(groups)):
+            members = [i for i, g in enumerate(groups) if g == group]
+            start = global_alignment([support[i] for i in members], targets, spacing, cancel=cancel)
+            for index in members:
+                if index not in anchors:
+                    continue
+                for frame in range(count):
+                    dz = abs(target_z[frame] - support_z[index])
+                    if dz > CANDIDATE_Z_WINDOW:
+                        continue
+                    alignment = refine_alignment(support[index], targets[frame], start, spacing)
+                    candidates.append((alignment.score - Z_WEIGHT * dz, frame, index, alignment))
+        if not candidates:  # degenerate (e.g. a one-slice target far from every anchor): take the best anyway
+            for index in sorted(anchors):
+                for frame in range(count):
+                    alignment = refine_alignment(support[index], targets[frame], global_alignment(
+                        [support[index]], [targets[frame]], spacing, cancel=cancel), spacing)
+                    candidates.append((alignment.score, frame, index, alignment))
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        chosen = []
+        for score, frame, index, alignment in candidates:
+            if len(chosen) >= max(wanted, 1):
+                break
+            if any(abs(frame - f) < MIN_CONDITIONING_GAP for f, _, _ in chosen):
+                continue
+            if any(np.sign(frame - f) != np.sign(support_z[index] - support_z[i]) for f, i, _ in chosen):
+                continue  # keeps the reference's slice order
+            chosen.append((frame, index, alignment))
+        return [(frame, index, alignment, warp_masks(support[index].masks, alignment, shape, spacing))
+                for frame, index, alignment in chosen]
+
+    @staticmethod
     def _support_slices(context: GeneratorContext, frames: SliceStack, labels: List[int],
                         max_support: int):
         """Annotated reference slices on the target's in-plane grid, each label's relative slice extent
-        (first, last) in the reference volume, and each support slice's relative z in its volume."""
+        (first, last) in the reference volume, each support slice's relative z in its volume and the index
+        of the reference it comes from."""
         support: List[SupportSlice] = []
+        groups: List[int] = []
         volume_z: List[float] = []
         extents: Dict[int, Tuple[float, float]] = {}
         per_reference = max(1, max_support // max(len(context.references), 1))
-        for reference in context.references:
+        for group, reference in enumerate(context.references):
             stack = make_slice_stack(reference.image, frames.axis)  # same windowing rule as the target
             label_stack = stack.labels(reference.label)
             count = stack.num_slices
@@ -192,4 +447,5 @@ class SupportMemoryGenerator(Generator):
                 support.append(SupportSlice(image=np.clip(image, 0.0, 1.0).astype(np.float32), masks=masks,
                                             relative_position=float(within), source_index=int(n)))
                 volume_z.append(_relative_z(n, count))
-        return support, extents, volume_z
+                groups.append(group)
+        return support, extents, volume_z, groups
