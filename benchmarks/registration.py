@@ -184,6 +184,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the '3 random references' choice")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON")
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md as is")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         parser.error(f"data folder not found: {args.data}")
@@ -198,7 +199,8 @@ def main(argv=None):
                                        lambda message: print(message, flush=True))
         summary[phase] = summarise(rows)
     section = markdown(summary, args, ids, pairs, time.perf_counter() - start)
-    write_section(args.output, "registration", section)
+    if not args.no_write:
+        write_section(args.output, "registration", section)
     if args.json:
         args.json.write_text(json.dumps({"pairs": pairs, "summary": summary}, indent=1))
     print(section)

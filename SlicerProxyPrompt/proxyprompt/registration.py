@@ -7,16 +7,20 @@ always on the target's exact grid.
 
 Pipeline for one reference -> target pair (``method="deformable"``):
 
-1. **Locate** -- the reference structure's neighbourhood is found in the target by masked normalised
+1. **Locate** -- the reference structure is found in the target by masked normalised
    cross-correlation (numpy FFT; box sums for the template's overlapping part) of a template (the
-   reference image inside the structure dilated by 15 mm) over all 3D translations -- in-plane *and*
-   the slice offset -- for 12 in-plane rotations (about the target's slice normal) x 3 in-plane scales,
-   on a 6 mm in-plane search grid. The best 3 distinct peaks (>= 20 mm apart) are kept.
+   reference image inside the structure dilated by only 5 mm, so that the score is about the structure,
+   not the surroundings that differ between patients) over all 3D translations -- in-plane *and*
+   the slice offset -- for 12 in-plane rotations (about the target's slice normal) x 5 in-plane scales
+   (0.7-1.41: structure sizes differ that much between patients), on a 6 mm in-plane search grid. The
+   best 5 distinct peaks (>= 20 mm apart) are kept: the NCC peak alone is the right place in ~3 of 4
+   cross-patient pairs, one of the 5 peaks in ~9 of 10.
 2. **Affine** -- each candidate gets a short affine SimpleITK registration (correlation metric,
-   restricted to the structure dilated by 10 mm and mapped into the target), the best by masked NCC is
-   then converged. It runs in the target's index-aligned frame (a rigid change of coordinates); for
-   thick-slice stacks the rotation/shear entries that involve the slice axis are frozen (in-plane affine
-   + slice-axis scale and translation).
+   restricted to the structure dilated by 10 mm and mapped into the target), the best by masked NCC
+   (same 10 mm region: it picks the right candidate more often than the locate score, Mattes MI or
+   wider regions) is then converged. It runs in the target's index-aligned frame (a rigid change of
+   coordinates); for thick-slice stacks the rotation/shear entries that involve the slice axis are
+   frozen (in-plane affine + slice-axis scale and translation).
 3. **Deformable** -- fast symmetric-forces demons (SimpleITK) between the target and the affinely
    warped, histogram-matched reference, on a crop of the target around the structure (dilated by 20 mm),
    two levels (in-plane shrink 2 then 1), field smoothed with sigma 3 mm in-plane.
@@ -64,10 +68,14 @@ class RegistrationSettings:
     # --- locate (template search)
     search_spacing_mm: float = 6.0          # in-plane spacing of the search grid (coarse: the refinement follows)
     search_rotations: int = 12              # in-plane rotations over 360 degrees
-    search_scales: Tuple[float, ...] = (0.85, 1.0, 1.18)
-    search_margin_mm: float = 15.0          # template = structure dilated by this much
+    # in-plane scales, geometric 0.7-1.41: hearts of different patients (dilated vs hypertrophic) differ
+    # that much in size; with (0.85, 1.0, 1.18) small hearts had no fitting template
+    search_scales: Tuple[float, ...] = (0.7, 0.84, 1.0, 1.19, 1.41)
+    # template = structure dilated by this much; a tight margin keeps the NCC on the heart rather than on
+    # the surroundings that vary between patients (measured: 15 mm -> 5 mm, right place first 70% -> 80%)
+    search_margin_mm: float = 5.0
     search_min_overlap: float = 0.7         # fraction of the template that must fall inside the target
-    search_candidates: int = 3              # distinct peaks refined by the affine stage
+    search_candidates: int = 5              # distinct peaks screened by a short affine (right one in top 5: 93%)
     search_candidate_distance_mm: float = 20.0
     search_candidates_in_plane: bool = False  # candidate distance measured in-plane only
     # --- affine refinement
@@ -242,20 +250,23 @@ def _masked_ncc_search(fixed: np.ndarray, templates, min_overlap: float):
     results = []
     cache = {}
     axes = (0, 1, 2)
+    # the FFTs run in single precision (about twice as fast; intensities are in [0, 1]), the NCC
+    # arithmetic on their results in double
+    fixed32 = fixed.astype(np.float32)
     for template, mask in templates:
         shape = tuple(f + t - 1 for f, t in zip(fixed.shape, template.shape))
         fast = tuple(_fast_size(s) for s in shape)
         if fast not in cache:
-            cache[fast] = (np.fft.rfftn(fixed, fast, axes=axes), np.fft.rfftn(fixed * fixed, fast, axes=axes))
+            cache[fast] = (np.fft.rfftn(fixed32, fast, axes=axes), np.fft.rfftn(fixed32 * fixed32, fast, axes=axes))
         f_hat, ff_hat = cache[fast]
         w = mask[::-1, ::-1, ::-1].astype(np.float64)
         t = template[::-1, ::-1, ::-1].astype(np.float64) * w
-        w_hat = np.fft.rfftn(w, fast, axes=axes)
-        wt_hat = np.fft.rfftn(t, fast, axes=axes)
+        w_hat = np.fft.rfftn(w.astype(np.float32), fast, axes=axes)
+        wt_hat = np.fft.rfftn(t.astype(np.float32), fast, axes=axes)
 
         def correlate(a_hat, b_hat):
             out = np.fft.irfftn(a_hat * b_hat, fast, axes=axes)
-            return out[: shape[0], : shape[1], : shape[2]]
+            return out[: shape[0], : shape[1], : shape[2]].astype(np.float64)
 
         s_f = correlate(f_hat, w_hat)
         s_ff = correlate(ff_hat, w_hat)
