@@ -204,7 +204,9 @@ def main(argv=None) -> int:
         "box, the ring from the same filled-minus-cavity rule), same model: the ceiling of box prompting. "
         "`s per pair`: wall seconds on a shared, loaded CPU; the registration of a pair is computed once and "
         "shared by the rows (counted in the `none` row), the target's image features once per target "
-        "(counted in neither).",
+        "(counted in neither). Model arithmetic: "
+        + ", ".join(f"{name} {engine.model.precision}" for name, engine in engines.items() if engine.model is not None)
+        + " (`--precision auto`: bf16 autocast of the image encoder on this CPU, which has AMX).",
         "",
         "| row | generator | model (weights) | ED RV / MYO / LV | ES RV / MYO / LV | all: RV / MYO / LV | mean | median LV | s per pair |",
         "|---|---|---|---|---|---|---|---|---|",
