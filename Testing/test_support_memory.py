@@ -52,9 +52,10 @@ class FakeModel:
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def plan_for(reference, target, family, options=None):
+def plan_for(reference, target, family, options=None, progress=None):
     frames = make_slice_stack(target)
-    context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel(family), dict(options or {}))
+    context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel(family), dict(options or {}),
+                               progress=progress)
     return get_generator("support-memory").plan(context), frames
 
 
@@ -83,8 +84,12 @@ def test_plan_for_sam2_uses_annotated_reference_slices(acdc):
 
 def test_plan_for_sam_family_puts_masks_on_the_start_frame(acdc):
     reference, target = acdc
-    plan, frames = plan_for(reference, target, "litemedsam")
+    events = []
+    plan, frames = plan_for(reference, target, "litemedsam",
+                            progress=lambda phase, done, total: events.append((phase, done, total)))
     assert plan.support == []
+    align = [(done, total) for phase, done, total in events if phase == "align"]  # the seconds-long search
+    assert align and align[-1][0] == align[-1][1] and [d for d, _ in align] == sorted(d for d, _ in align)
     for prompt in plan.objects.values():
         assert set(prompt.masks) == {plan.start_frame}
         assert plan.start_frame in prompt.boxes and 1 <= len(prompt.boxes) <= 3  # conditioning slices

@@ -116,8 +116,8 @@ class TqdmProgress:
 
         bar = self._bars.get(phase)
         if bar is None:
-            bar = self._bars[phase] = tqdm(total=total, desc=phase, unit="slice" if phase != "register" else "%",
-                                          file=sys.stderr, leave=False)
+            unit = {"register": "%", "align": "step"}.get(phase, "slice")
+            bar = self._bars[phase] = tqdm(total=total, desc=phase, unit=unit, file=sys.stderr, leave=False)
         bar.total = total
         bar.n = done
         bar.refresh()

@@ -219,7 +219,7 @@ def _template(support: SupportSlice, centre, angle, scale, spacing, shape, margi
 
 def global_alignment(supports: List[SupportSlice], targets: List["_NccTarget"], spacing,
                      angles=ALIGN_ANGLES, scales=ALIGN_SCALES, margin_mm=TEMPLATE_MARGIN_MM,
-                     cancel=None) -> SliceAlignment:
+                     cancel=None, progress=None) -> SliceAlignment:
     """One similarity transform for a whole reference onto the whole target stack: for each rotation x
     scale, every target slice takes, at each position, the best NCC over the support slices (so no slice
     correspondence is needed); the mean over target slices is maximised. The support point is the centre
@@ -227,22 +227,26 @@ def global_alignment(supports: List[SupportSlice], targets: List["_NccTarget"], 
     centre = _box_centre(_union(_union(s.masks.values()) for s in supports))
     shape = targets[0].image.shape
     best = None
-    for angle in angles:
-        for scale in scales:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled by the user")
-            templates = [_template(s, centre, angle, scale, spacing, shape, margin_mm) for s in supports]
-            total = np.zeros(shape)
-            for target in targets:
-                best_here = np.full(shape, -1.0)
-                for template, half in templates:
-                    best_here = np.maximum(best_here, target.centre_map(template, half))
-                total += best_here
-            total /= len(targets)
-            index = np.unravel_index(int(np.argmax(total)), shape)
-            if best is None or total[index] > best.score:
-                best = SliceAlignment(float(total[index]), float(angle), float(scale), centre,
-                                      (float(index[0]), float(index[1])))
+    steps = [(angle, scale) for angle in angles for scale in scales]
+    for step, (angle, scale) in enumerate(steps):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled by the user")
+        if progress is not None:
+            progress("align", step, len(steps))
+        templates = [_template(s, centre, angle, scale, spacing, shape, margin_mm) for s in supports]
+        total = np.zeros(shape)
+        for target in targets:
+            best_here = np.full(shape, -1.0)
+            for template, half in templates:
+                best_here = np.maximum(best_here, target.centre_map(template, half))
+            total += best_here
+        total /= len(targets)
+        index = np.unravel_index(int(np.argmax(total)), shape)
+        if best is None or total[index] > best.score:
+            best = SliceAlignment(float(total[index]), float(angle), float(scale), centre,
+                                  (float(index[0]), float(index[1])))
+    if progress is not None:
+        progress("align", len(steps), len(steps))
     return best
 
 
@@ -334,7 +338,8 @@ class SupportMemoryGenerator(Generator):
             # no memory: reference slices, aligned in 2D onto their best-matching target slices, give the
             # conditioning slices' masks and boxes; the model propagates slice by slice from them
             wanted = int(options.get("conditioning_slices") or DEFAULT_CONDITIONING)
-            chosen = self._aligned_conditioning(support, groups, support_z, coverage, frames, wanted, context.cancel)
+            chosen = self._aligned_conditioning(support, groups, support_z, coverage, frames, wanted, context.cancel,
+                                                context.progress)
             mask_frames = int(options.get("conditioning_masks", 1))
             for rank, (frame, index, alignment, warped) in enumerate(chosen):
                 for value in labels:
@@ -359,7 +364,7 @@ class SupportMemoryGenerator(Generator):
 
     @staticmethod
     def _aligned_conditioning(support: List[SupportSlice], groups: List[int], support_z, coverage,
-                              frames: SliceStack, wanted: int, cancel=None):
+                              frames: SliceStack, wanted: int, cancel=None, progress=None):
         """[(target frame, support index, SliceAlignment, warped masks)], best first: up to `wanted` target
         slices, each with the support slice that matches it best once aligned.
 
@@ -376,7 +381,8 @@ class SupportMemoryGenerator(Generator):
         candidates = []  # (score, frame, support index, alignment)
         for group in sorted(set(groups)):
             members = [i for i, g in enumerate(groups) if g == group]
-            start = global_alignment([support[i] for i in members], targets, spacing, cancel=cancel)
+            start = global_alignment([support[i] for i in members], targets, spacing, cancel=cancel,
+                                     progress=progress)
             for index in members:
                 if index not in anchors:
                     continue
