@@ -78,7 +78,7 @@ def rotation_z(degrees):
 
 
 def oblique(angle=25.0, tilt=8.0):
-    a, t = np.radians(angle), np.radians(tilt)
+    t = np.radians(tilt)
     rx = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
     return rotation_z(angle) @ rx
 

@@ -3,6 +3,8 @@
 For each volume, every slice in the middle half and each cavity (RV = 1, LV = 3) with >= 20 pixels is
 segmented from its ground-truth bounding box, once with the image encoder in float32 and once under bf16
 autocast (`--precision`); prints the mean Dice of each and the largest per-slice difference.
+It first times the kernels that dominate SAM 2 propagation (memory-attention SDPA and a linear layer, the
+shapes of 3 objects x 7 memories at 512 and 1024 px) in float32 and bf16 on this CPU.
 
     .venv/bin/python benchmarks/precision.py [--cases patient002_ED patient022_ES patient064_ED patient083_ES]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +48,34 @@ def dices_for(precision: str, cases) -> list:
     return dices
 
 
+def kernel_seconds(repeats: int = 3) -> None:
+    """Seconds per call of SDPA [3, 1, N, 256] x [3, 1, 7N, 256] and of [3N, 256] @ [256, 2048], fp32 vs bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    for tokens in (1024, 4096):  # 512 px and 1024 px feature maps
+        query, key, value = torch.randn(3, 1, tokens, 256), torch.randn(3, 1, 7 * tokens, 256), torch.randn(3, 1, 7 * tokens, 256)
+        activation, weight = torch.randn(3 * tokens, 256), torch.randn(2048, 256)
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v, a, w = (t.to(dtype) for t in (query, key, value, activation, weight))
+            for name, call in (("sdpa", lambda: F.scaled_dot_product_attention(q, k, v)), ("linear", lambda: a @ w.T)):
+                call()  # warm-up
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    call()
+                seconds[(name, dtype)] = (time.perf_counter() - started) / repeats
+        for name in ("sdpa", "linear"):
+            full, half = seconds[(name, torch.float32)], seconds[(name, torch.bfloat16)]
+            print(f"{tokens} tokens {name}: fp32 {full:.4f} s, bf16 {half:.4f} s, {full / half:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["patient002_ED", "patient022_ES", "patient064_ED", "patient083_ES"])
     args = parser.parse_args()
+    kernel_seconds()
     results = {precision: np.array(dices_for(precision, args.cases)) for precision in ("fp32", "bf16")}
     for precision, dices in results.items():
         print(f"{precision}: mean Dice {dices.mean():.4f} over {len(dices)} slice-structures")

@@ -100,7 +100,6 @@ def naive(case: str, slices: int, size: int) -> dict:
 
 
 def ours(case: str, slices: int, size: int, rerun: bool, precision: str = "auto") -> dict:
-    import torch
     from proxyprompt.generators.base import Generator, ObjectPrompt, PromptPlan, ReferenceCase, register_generator
     from proxyprompt.pipeline import Engine
 

@@ -163,8 +163,9 @@ def _union(masks) -> np.ndarray:
 
 
 def _box_centre(mask) -> Tuple[float, float]:
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return (rows[0] + rows[-1]) / 2.0, (cols[0] + cols[-1]) / 2.0
+    """(row, col) centre of the mask's bounding box."""
+    col0, row0, col1, row1 = bounding_box(mask)
+    return (row0 + row1) / 2.0, (col0 + col1) / 2.0
 
 
 class _NccTarget:
@@ -208,9 +209,9 @@ def _template(support: SupportSlice, centre, angle, scale, spacing, shape, margi
     """The support slice's image around its annotated structures (plus margin_mm), rotated and scaled,
     as it would look on the target grid; the template's centre pixel is the support point `centre`."""
     union = _union(support.masks.values())
-    rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
-    half_r = (max(centre[0] - rows[0], rows[-1] - centre[0]) + margin_mm / spacing[0]) * scale
-    half_c = (max(centre[1] - cols[0], cols[-1] - centre[1]) + margin_mm / spacing[1]) * scale
+    col0, row0, col1, row1 = bounding_box(union)
+    half_r = (max(centre[0] - row0, row1 - centre[0]) + margin_mm / spacing[0]) * scale
+    half_c = (max(centre[1] - col0, col1 - centre[1]) + margin_mm / spacing[1]) * scale
     half = (int(round(min(half_r, (shape[0] - 1) / 2.0 - 1))), int(round(min(half_c, (shape[1] - 1) / 2.0 - 1))))
     off_r, off_c = np.mgrid[-half[0]:half[0] + 1, -half[1]:half[1] + 1].astype(np.float64)
     src_r, src_c = _source_coords(off_r, off_c, centre, angle, scale, spacing)
