@@ -26,6 +26,10 @@ Pipeline for one reference -> target pair (``method="deformable"``):
    two levels (in-plane shrink 2 then 1), field smoothed with sigma 3 mm in-plane.
 4. **Labels** -- each label's one-hot map is warped with linear interpolation (soft maps = the
    `probabilities`), the label is the argmax (background = 1 - sum), so labels never mix.
+5. **Intensity** (``method="intensity"``, the default of `segment_by_registration`) -- the warped maps
+   become spatial priors of an EM segmentation whose intensity models come from the target itself
+   (`proxyprompt.intensity`): the registration says where a structure is, the target's contrast
+   says where its border runs. `probabilities` are then the EM posteriors.
 
 `RegisteredCase.similarity` is the masked NCC after the affine stage (demons would inflate it).
 `segment_by_registration` ranks references by label agreement (the mean Dice of each warped label with
@@ -34,7 +38,7 @@ the others') by default: on held-out ACDC patients it picked better references t
 Methods: ``"copy"`` (identity transform in physical space: the label resampled where it lies; this
 is "copy without registration"), ``"centred"`` (copy after a translation that aligns the two image
 centres: the 'copy' row of REFERENCES.md section 7), ``"located"`` (step 1 only), ``"affine"``
-(steps 1-2), ``"deformable"`` (1-3).
+(steps 1-2), ``"deformable"`` (1-3), ``"intensity"`` (1-3 and 5).
 
 Measured on ACDC (see ``docs/benchmarks.md``, ``benchmarks/registration.py``).
 """
@@ -50,9 +54,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import Cancelled, InputError
+from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, largest_component, refine_by_intensity
 from .volume import Volume
 
-METHODS = ("copy", "centred", "located", "affine", "deformable")
+METHODS = ("copy", "centred", "located", "affine", "deformable", "intensity")
 FUSIONS = ("vote", "mean", "staple")
 
 
@@ -100,6 +105,8 @@ class RegistrationSettings:
     label_sigma_mm: float = 0.0             # optional smoothing of one-hot maps before warping
     # --- similarity score
     similarity_margin_mm: float = 10.0
+    # --- stage 5 (method "intensity")
+    intensity: IntensitySettings = DEFAULT_INTENSITY_SETTINGS
 
 
 DEFAULT_SETTINGS = RegistrationSettings()
@@ -621,7 +628,7 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
     """Warp `reference_label` onto `target_image`'s grid by registering the reference image to it.
 
     ``method``: ``"copy"`` (identity in physical space), ``"centred"`` (translation aligning the image
-    centres), ``"located"``, ``"affine"``, ``"deformable"`` (see the module docstring).
+    centres), ``"located"``, ``"affine"``, ``"deformable"``, ``"intensity"`` (see the module docstring).
     ``cancel``: optional object with ``is_set()``, checked between stages (raises `Cancelled`).
     ``keep_stages``: also return the label after each stage (``RegisteredCase.stages``).
     """
@@ -664,7 +671,7 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
         transform = candidates[0][1]
         record("located", transform)
         _check_cancel(cancel)
-        if method in ("affine", "deformable") and settings.affine_transform != "none":
+        if method in ("affine", "deformable", "intensity") and settings.affine_transform != "none":
             # screen every candidate with a short refinement, then converge the best one
             best = None
             screen = replace(settings, affine_iterations=settings.affine_screen_iterations)
@@ -685,12 +692,18 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
             transform = best[1]
             record("affine", transform)
         linear = transform
-        if method == "deformable":
+        if method in ("deformable", "intensity"):
             _check_cancel(cancel)
             transform = _deformable(target, ref_image, ref_distance, transform, settings)
     _check_cancel(cancel)
     probabilities = _warp_labels(reference_label, target, transform, values, settings.label_sigma_mm)
     label = target_image.with_array(labels_from_probabilities(probabilities))
+    if method == "intensity":
+        if keep_stages:
+            stages["deformable"] = (label, time.perf_counter() - start)
+        _check_cancel(cancel)
+        refined, probabilities = refine_by_intensity(target_image, probabilities, settings.intensity)
+        label = target_image.with_array(refined)
     # image match in the structure region after the last *linear* stage: demons would inflate it
     # (measured: ranks references better than the post-demons NCC)
     similarity = _similarity(target, ref_image, ref_distance, linear, settings.similarity_margin_mm)
@@ -748,10 +761,8 @@ def keep_largest_component(label: Volume, values: Optional[Sequence[int]] = None
     values = _label_values(label) if values is None else [int(v) for v in values]
     array = np.array(label.array, dtype=label.array.dtype, copy=True)
     for value in values:
-        mask = label.with_array((label.array == value).astype(np.uint8)).to_sitk()
-        components = sitk.RelabelComponent(sitk.ConnectedComponent(mask, True), sortByObjectSize=True)
-        keep = sitk.GetArrayViewFromImage(components) == 1
-        array[(label.array == value) & ~keep] = 0
+        mask = label.array == value
+        array[mask & ~largest_component(mask)] = 0
     return label.with_array(array)
 
 
@@ -823,7 +834,7 @@ def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top
 
 
 def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_image: Volume,
-                            method: str = "deformable", fusion: str = "vote", top_k: Optional[int] = None,
+                            method: str = "intensity", fusion: str = "vote", top_k: Optional[int] = None,
                             cleanup: bool = True, cancel=None,
                             progress: Optional[Callable[[float, str], None]] = None,
                             settings: RegistrationSettings = DEFAULT_SETTINGS,

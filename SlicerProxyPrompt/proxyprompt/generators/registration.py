@@ -48,7 +48,7 @@ class RegistrationGenerator(Generator):
         fused, info = segment_by_registration(
             pairs,
             context.target_image,
-            method=options.get("registration_method", "deformable"),
+            method=options.get("registration_method", "intensity"),
             fusion=options.get("fusion", "vote"),
             top_k=options.get("top_k"),
             cleanup=True,
@@ -58,6 +58,6 @@ class RegistrationGenerator(Generator):
         label_stack = context.target_frames.labels(fused)
         plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels))
         plan.notes.append(
-            f"registration ({options.get('registration_method', 'deformable')}) of {len(pairs)} reference(s)"
+            f"registration ({options.get('registration_method', 'intensity')}) of {len(pairs)} reference(s)"
         )
         return plan

@@ -1,0 +1,96 @@
+"""Atlas-prior intensity refinement: borders move to the target's contrast; geometry and inputs untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from proxyprompt.intensity import largest_component, refine_by_intensity, slice_axis_kji
+from proxyprompt.volume import Volume
+
+
+def _oblique():
+    angle = np.deg2rad(25.0)
+    rotation_z = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rotation_x = np.array([[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+    return rotation_z @ rotation_x
+
+
+def _disc_phantom(centre_ji, cavity_radius, wall_radius, shape=(8, 72, 72)):
+    """Label stack: 3 = bright cavity disc, 2 = darker ring around it, on every slice except the first/last."""
+    j, i = np.mgrid[: shape[1], : shape[2]]
+    radius = np.hypot(j - centre_ji[0], i - centre_ji[1])
+    label = np.zeros(shape, dtype=np.int32)
+    label[1:-1][:, radius <= wall_radius] = 2
+    label[1:-1][:, radius <= cavity_radius] = 3
+    return label
+
+
+def _image_of(label, rng):
+    intensity = np.choose(label, [0.15, 0.0, 0.45, 0.9]).astype(np.float32)
+    return intensity + rng.normal(0, 0.05, label.shape).astype(np.float32)
+
+
+def _dice(a, b):
+    total = a.sum() + b.sum()
+    return 2.0 * (a & b).sum() / total if total else 1.0
+
+
+def test_refinement_moves_a_misregistered_prior_onto_the_target_structures():
+    rng = np.random.default_rng(0)
+    truth = _disc_phantom((36, 36), cavity_radius=14, wall_radius=19)
+    # the "registered" prior: 2 voxels (2.8 mm) off and too small, as a one-reference registration often is
+    prior = _disc_phantom((38, 35), cavity_radius=12, wall_radius=16)
+    target = Volume.from_geometry(_image_of(truth, rng) * 400 + 50, (1.4, 1.4, 8.0), (-20.0, 31.0, 7.5), _oblique())
+    probabilities = {v: (prior == v).astype(np.float32) for v in (2, 3)}
+    before = {v: p.copy() for v, p in probabilities.items()}
+    image_before = target.array.copy()
+
+    label, posteriors = refine_by_intensity(target, probabilities)
+
+    assert label.shape == target.array.shape and label.dtype == np.int32
+    assert set(np.unique(label)) <= {0, 2, 3}
+    for value in (2, 3):
+        prior_dice = _dice(prior == value, truth == value)
+        refined_dice = _dice(label == value, truth == value)
+        assert refined_dice > prior_dice + 0.1, (value, prior_dice, refined_dice)
+        assert refined_dice > 0.9, (value, refined_dice)
+        assert posteriors[value].shape == label.shape
+        assert posteriors[value].min() >= 0 and posteriors[value].max() <= 1
+    assert np.all(posteriors[2] + posteriors[3] <= 1 + 1e-5)
+    # inputs are never modified
+    np.testing.assert_array_equal(target.array, image_before)
+    for value in (2, 3):
+        np.testing.assert_array_equal(probabilities[value], before[value])
+
+
+def test_refinement_is_independent_of_the_intensity_scale():
+    rng = np.random.default_rng(1)
+    truth = _disc_phantom((30, 40), cavity_radius=12, wall_radius=17)
+    prior = _disc_phantom((32, 38), cavity_radius=10, wall_radius=14)
+    image = _image_of(truth, rng)
+    probabilities = {v: (prior == v).astype(np.float32) for v in (2, 3)}
+    grid = dict(spacing=(1.25, 1.25, 10.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    a, _ = refine_by_intensity(Volume.from_geometry(image, **grid), probabilities)
+    b, _ = refine_by_intensity(Volume.from_geometry(image * 1000.0 - 300.0, **grid), probabilities)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_empty_prior_gives_background_and_wrong_grid_is_refused():
+    target = Volume.from_geometry(np.zeros((4, 8, 8), np.float32), (1.0, 1.0, 5.0), (0, 0, 0), np.eye(3))
+    label, posteriors = refine_by_intensity(target, {1: np.zeros((4, 8, 8), np.float32)})
+    assert not label.any() and not posteriors[1].any()
+    label, posteriors = refine_by_intensity(target, {})
+    assert label.shape == (4, 8, 8) and not label.any() and posteriors == {}
+    with pytest.raises(ValueError, match="not on the target grid"):
+        refine_by_intensity(target, {1: np.zeros((4, 8, 9), np.float32)})
+
+
+def test_helpers():
+    assert slice_axis_kji((1.5, 1.5, 10.0)) == 0
+    assert slice_axis_kji((8.0, 1.0, 1.0)) == 2
+    mask = np.zeros((3, 6, 6), bool)
+    mask[0, :2, :2] = True
+    mask[2, 3:, 3:] = True
+    kept = largest_component(mask)
+    assert kept.sum() == 9 and kept[2, 3:, 3:].all()
