@@ -94,3 +94,10 @@ def test_helpers():
     mask[2, 3:, 3:] = True
     kept = largest_component(mask)
     assert kept.sum() == 9 and kept[2, 3:, 3:].all()
+
+
+def test_registration_generator_uses_the_intensity_stage_only_without_a_model():
+    from proxyprompt.generators.registration import default_registration_method
+
+    assert default_registration_method(None) == "intensity"
+    assert default_registration_method(object()) == "deformable"

@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--corrections", help="labelmap on the target grid with corrected slices")
     seg.add_argument("--corrected-slices", type=_int_list,
                      help="which slices of --corrections were corrected (default: every non-empty slice)")
-    seg.add_argument("--registration-method", default="intensity",
+    seg.add_argument("--registration-method",
                      choices=["copy", "centred", "located", "affine", "deformable", "intensity"],
-                     help="registration stages (default intensity: locate, affine, demons, intensity EM)")
+                     help="registration stages (default: intensity = locate, affine, demons, intensity EM with "
+                          "--model none; deformable = without the EM as a model's prior)")
     seg.add_argument("--fusion", default="vote", choices=["vote", "staple", "mean"],
                      help="label fusion of several references (mean: of the soft warped maps)")
     seg.add_argument("--top-k", type=int,
