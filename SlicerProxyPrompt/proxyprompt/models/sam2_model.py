@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -341,8 +342,19 @@ class Sam2Model(SliceModel):
         self.batch_objects = True  # track all objects of a run as one batch (False: sam2 1.1.0's per-object loop)
 
     # ---------------------------------------------------------------- helpers
-    def _autocast(self):
-        return autocast(self.device, self.precision)
+    @contextmanager
+    def _forward_mode(self):
+        """Grad-free forward passes at the model's precision (autocast for bf16).
+
+        `no_grad`, not `inference_mode`: torch skips autocast's weight-cast cache under `inference_mode`, so bf16
+        would re-cast every Linear / conv weight at every call (~140 casts per tracked frame: tens of us each on
+        an idle CPU, milliseconds when the CPU is shared). The per-call cast is also not `requires_grad`, which
+        makes `matmul` take its bmm path for a Linear on a permuted input (memory encoder CXBlock): a 100 MB copy
+        of the weight expanded over the batch per call at 1024 px. Under `no_grad` each weight is cast once per
+        context and matmul folds to mm. Same arithmetic (bf16 weights, fp32 elsewhere): bit-identical outputs."""
+        torch = _torch()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            yield
 
     def _encode_images(self, images: np.ndarray, progress=None, cancel=None, phase="encode") -> FrameFeatures:
         """Backbone outputs of [N, H, W] slices, batched; counts `encoder_calls`."""
@@ -354,7 +366,7 @@ class Sam2Model(SliceModel):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled by the user")
             chunk = preprocess_slices(images[start : start + self.encode_batch], self.image_size).to(self.device)
-            with torch.inference_mode(), self._autocast():
+            with self._forward_mode():
                 out = self.predictor.forward_image(chunk)
             fpn = [level.float() for level in out["backbone_fpn"]]
             if levels is None:
@@ -473,7 +485,7 @@ class Sam2Model(SliceModel):
         # which conditioning frames each target frame attends (recomputed: new corrections are conditioning)
         selection = self._cond_selection(support_features, target_features, offset, count, target_cond_frames,
                                          plan.support_top_k)
-        with torch.inference_mode(), self._autocast():
+        with self._forward_mode():
             if new_frames is None:
                 start = self._start_frame(plan, target_cond_frames, count)
                 blocks = ([support_features] if support_features is not None else []) + [target_features]
