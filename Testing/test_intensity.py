@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from proxyprompt.intensity import largest_component, refine_by_intensity, slice_axis_kji
+from proxyprompt.filters import largest_component
+from proxyprompt.intensity import refine_by_intensity
 from proxyprompt.volume import Volume
 
 
@@ -86,9 +87,7 @@ def test_empty_prior_gives_background_and_wrong_grid_is_refused():
         refine_by_intensity(target, {1: np.zeros((4, 8, 9), np.float32)})
 
 
-def test_helpers():
-    assert slice_axis_kji((1.5, 1.5, 10.0)) == 0
-    assert slice_axis_kji((8.0, 1.0, 1.0)) == 2
+def test_largest_component_keeps_the_biggest_piece():
     mask = np.zeros((3, 6, 6), bool)
     mask[0, :2, :2] = True
     mask[2, 3:, 3:] = True

@@ -26,6 +26,8 @@ from typing import Dict, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .filters import gaussian_mm, largest_component, signed_distance_mm
+from .frames import choose_slice_axis
 from .volume import Volume
 
 
@@ -45,23 +47,6 @@ class IntensitySettings:
 DEFAULT_INTENSITY_SETTINGS = IntensitySettings()
 
 
-def slice_axis_kji(spacing_ijk) -> int:
-    """Numpy (k, j, i) axis of the thickest spacing: the slice axis of a stack (ties -> k)."""
-    spacing = np.asarray(spacing_ijk, dtype=float)
-    index_axis = int(np.flatnonzero(spacing >= spacing.max() * 0.999)[-1])
-    return 2 - index_axis
-
-
-def largest_component(mask_kji: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean array (empty stays empty)."""
-    if not mask_kji.any():
-        return mask_kji.copy()
-    components = sitk.RelabelComponent(
-        sitk.ConnectedComponent(sitk.GetImageFromArray(mask_kji.astype(np.uint8)), True), sortByObjectSize=True
-    )
-    return sitk.GetArrayViewFromImage(components) == 1
-
-
 def _grid_image(array_kji: np.ndarray, spacing_ijk) -> sitk.Image:
     """An index-aligned sitk image with the target's spacing (in-plane operations need only spacing)."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
@@ -69,26 +54,17 @@ def _grid_image(array_kji: np.ndarray, spacing_ijk) -> sitk.Image:
     return image
 
 
-def _smooth_in_plane(array_kji: np.ndarray, spacing_ijk, sigma_mm: float) -> np.ndarray:
+def _smooth_in_plane(array_kji: np.ndarray, target_image: Volume, sigma_mm: float) -> np.ndarray:
     """Gaussian smoothing within each slice (none across the slice axis: slices are thick)."""
-    if sigma_mm <= 0:
-        return array_kji.astype(np.float32)
-    spacing = np.asarray(spacing_ijk, dtype=float)
-    sigma = np.full(3, float(sigma_mm))
-    sigma[2 - slice_axis_kji(spacing)] = 1e-3 * spacing.min()  # the recursive filter needs sigma > 0
-    if min(array_kji.shape) < 4:  # the recursive Gaussian refuses axes shorter than 4 voxels
-        smoothed = sitk.DiscreteGaussian(_grid_image(array_kji.astype(np.float32), spacing),
-                                         tuple(float(s * s) for s in sigma), 32, 0.01, True)
-    else:
-        smoothed = sitk.SmoothingRecursiveGaussian(_grid_image(array_kji.astype(np.float32), spacing),
-                                                   tuple(float(s) for s in sigma))
-    return sitk.GetArrayFromImage(smoothed)
+    sigma_ijk = np.full(3, float(sigma_mm))
+    sigma_ijk[2 - choose_slice_axis(target_image)] = 0.0
+    return sitk.GetArrayFromImage(gaussian_mm(_grid_image(array_kji.astype(np.float32), target_image.spacing),
+                                              sigma_ijk))
 
 
 def _within_mm(mask_kji: np.ndarray, spacing_ijk, margin_mm: float) -> np.ndarray:
     """Voxels at most `margin_mm` from the mask (a dilation in physical units)."""
-    distance = sitk.SignedMaurerDistanceMap(_grid_image(mask_kji.astype(np.uint8), spacing_ijk),
-                                            insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    distance = signed_distance_mm(_grid_image(mask_kji.astype(np.uint8), spacing_ijk))
     return sitk.GetArrayViewFromImage(distance) <= margin_mm
 
 
@@ -129,7 +105,7 @@ def refine_by_intensity(target_image: Volume, probabilities: Dict[int, np.ndarra
     intensity_n = np.clip((image[region] - low) / max(float(high - low), 1e-6), 0.0, 1.0)  # (N,)
     bin_n = np.minimum((intensity_n * settings.bins).astype(np.int64), settings.bins - 1)
 
-    smoothed_lkji = np.clip(np.stack([_smooth_in_plane(p, spacing, settings.prior_sigma_mm)
+    smoothed_lkji = np.clip(np.stack([_smooth_in_plane(p, target_image, settings.prior_sigma_mm)
                                       for p in priors_lkji]), 0.0, 1.0)
     prior_cn = np.concatenate([np.clip(1.0 - smoothed_lkji.sum(axis=0), 0.0, 1.0)[None], smoothed_lkji])[:, region]
     prior_cn = prior_cn + settings.prior_floor  # class 0 = background

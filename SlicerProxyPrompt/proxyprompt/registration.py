@@ -54,7 +54,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import Cancelled, InputError
-from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, largest_component, refine_by_intensity
+from .filters import gaussian_mm, largest_component, signed_distance_mm
+from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
 from .volume import Volume
 
 METHODS = ("copy", "centred", "located", "affine", "deformable", "intensity")
@@ -199,27 +200,6 @@ def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, li
     )
 
 
-def _distance_map(mask: sitk.Image) -> sitk.Image:
-    """Signed distance (mm, negative inside) to a binary mask, float32."""
-    return sitk.Cast(
-        sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True),
-        sitk.sitkFloat32,
-    )
-
-
-def _smooth(image: sitk.Image, sigma_mm) -> sitk.Image:
-    """Gaussian smoothing with a per-axis sigma in mm (0 = none along that axis)."""
-    sigma = np.broadcast_to(np.asarray(sigma_mm, dtype=float), (image.GetDimension(),))
-    if not np.any(sigma > 0):
-        return image
-    if min(image.GetSize()) >= 4:
-        # the recursive Gaussian needs sigma > 0 on each axis; a tiny sigma is a no-op
-        sigma = np.maximum(sigma, 1e-3 * np.asarray(image.GetSpacing()))
-        return sitk.SmoothingRecursiveGaussian(image, tuple(float(s) for s in sigma))
-    # fewer than 4 voxels along an axis: the recursive filter refuses; use the discrete kernel
-    return sitk.DiscreteGaussian(image, tuple(float(s * s) for s in sigma), 32, 0.01, True)
-
-
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     a = a.astype(np.float64) - a.mean()
     b = b.astype(np.float64) - b.mean()
@@ -319,7 +299,7 @@ def _locate(ref_image: sitk.Image, ref_mask: sitk.Image, ref_distance: sitk.Imag
     origin = np.asarray(target.GetOrigin()) + direction @ (0.5 * (spacing - target_spacing))
     search_grid = _grid_like(target, spacing, size, origin)
     sigma = 0.5 * np.where(spacing > target_spacing * 1.01, spacing, 0.0)
-    fixed = sitk.GetArrayFromImage(_resample(_smooth(target, sigma), search_grid, sitk.Transform()))
+    fixed = sitk.GetArrayFromImage(_resample(gaussian_mm(target, sigma), search_grid, sitk.Transform()))
 
     # reference structure geometry
     ref_points = _physical_points(ref_mask, sitk.GetArrayViewFromImage(ref_mask) > 0)
@@ -337,7 +317,7 @@ def _locate(ref_image: sitk.Image, ref_mask: sitk.Image, ref_distance: sitk.Imag
 
     ref_spacing = np.asarray(ref_image.GetSpacing(), dtype=float)
     ref_sigma = 0.5 * np.maximum(spacing.min() - ref_spacing, 0) * (ref_spacing < spacing.min())
-    ref_smooth = _smooth(ref_image, ref_sigma)
+    ref_smooth = gaussian_mm(ref_image, ref_sigma)
 
     templates, transforms = [], []
     for r in range(settings.search_rotations):
@@ -526,8 +506,8 @@ def _demons_pyramid(fixed: sitk.Image, moving: sitk.Image, settings: Registratio
         if any(f > 1 for f in factors):
             sigma = [0.5 * f * s if f > 1 else 0.01 * s for f, s in zip(factors, spacing)]
             sigma = [s if f > 1 else 0.0 for s, f in zip(sigma, factors)]
-            f_level = sitk.Shrink(_smooth(fixed, sigma), factors)
-            m_level = sitk.Shrink(_smooth(moving, sigma), factors)
+            f_level = sitk.Shrink(gaussian_mm(fixed, sigma), factors)
+            m_level = sitk.Shrink(gaussian_mm(moving, sigma), factors)
         else:
             f_level, m_level = fixed, moving
         level_spacing = np.asarray(f_level.GetSpacing())
@@ -596,7 +576,7 @@ def _warp_labels(ref_label: Volume, target: sitk.Image, transform: sitk.Transfor
     for value in values:
         one_hot = ref_label.with_array((ref_label.array == value).astype(np.float32)).to_sitk()
         if sigma_mm > 0:
-            one_hot = _smooth(one_hot, sigma_mm)
+            one_hot = gaussian_mm(one_hot, sigma_mm)
         warped = sitk.GetArrayFromImage(_resample(one_hot, target, transform))
         probabilities[int(value)] = np.clip(warped, 0.0, 1.0).astype(np.float32)
     return probabilities
@@ -649,7 +629,7 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
     ref_image = _normalised(reference_image, settings.percentiles)
     ref_mask = sitk.Cast(reference_label.with_array((reference_label.array > 0).astype(np.uint8)).to_sitk(),
                          sitk.sitkUInt8)
-    ref_distance = _distance_map(ref_mask)
+    ref_distance = signed_distance_mm(ref_mask)
     stages: Dict[str, Tuple[Volume, float]] = {}
     info: Dict[str, object] = {}
 
