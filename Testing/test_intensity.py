@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from proxyprompt.filters import largest_component
-from proxyprompt.intensity import refine_by_intensity
+from proxyprompt.intensity import DEFAULT_INTENSITY_SETTINGS, refine_by_intensity
 from proxyprompt.volume import Volume
 
 
@@ -100,3 +102,34 @@ def test_registration_generator_uses_the_intensity_stage_only_without_a_model():
 
     assert default_registration_method(None) == "intensity"
     assert default_registration_method(object()) == "deformable"
+
+
+def test_refit_recovers_slices_the_registration_left_out_along_the_thick_axis():
+    """Prior 3 slices long where the structures span 8: the re-fit stretches it along the slice axis.
+
+    The thick axis is the array's j axis (not k) and the grid is oblique, so a rule that assumed the
+    slowest axis, or index = physical, would stretch the wrong way."""
+    rng = np.random.default_rng(2)
+    k, i = np.mgrid[:40, :40]
+    radius = np.hypot(k - 20, i - 20)
+
+    def stack(first, last):
+        label = np.zeros((40, 12, 40), np.int32)  # (k, j, i), slices along j
+        for j in range(first, last + 1):
+            label[:, j][radius <= 12] = 2
+            label[:, j][radius <= 8] = 3
+        return label
+
+    truth, prior = stack(2, 9), stack(5, 7)
+    target = Volume.from_geometry(_image_of(truth, rng) * 300, (1.5, 8.0, 1.5), (4.0, -9.0, 2.0), _oblique())
+    probabilities = {v: (prior == v).astype(np.float32) for v in (2, 3)}
+
+    without, _ = refine_by_intensity(target, probabilities, replace(DEFAULT_INTENSITY_SETTINGS, refit_rounds=0))
+    refitted, _ = refine_by_intensity(target, probabilities)
+
+    for value in (2, 3):
+        dice_without = _dice(without == value, truth == value)
+        dice_refitted = _dice(refitted == value, truth == value)
+        assert dice_refitted > dice_without + 0.05, (value, dice_without, dice_refitted)
+        assert dice_refitted > 0.9, (value, dice_refitted)
+    assert not refitted[:, [0, 1, 10, 11]].any()  # stretched to the structures, not beyond them
