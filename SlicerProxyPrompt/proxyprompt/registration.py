@@ -29,7 +29,9 @@ Pipeline for one reference -> target pair (``method="deformable"``):
 5. **Intensity** (``method="intensity"``, the default of `segment_by_registration`) -- the warped maps
    become spatial priors of an EM segmentation whose intensity models come from the target itself
    (`proxyprompt.intensity`): the registration says where a structure is, the target's contrast
-   says where its border runs. `probabilities` are then the EM posteriors.
+   says where its border runs. Before the final EM the priors are re-fitted along the slice axis onto
+   the EM's own result (which slices hold the base and the apex: thick slices leave that to the affine
+   alone). `probabilities` are then the EM posteriors.
 
 `RegisteredCase.similarity` is the masked NCC after the affine stage (demons would inflate it).
 `segment_by_registration` ranks references by label agreement (the mean Dice of each warped label with
