@@ -133,3 +133,23 @@ def test_refit_recovers_slices_the_registration_left_out_along_the_thick_axis():
         assert dice_refitted > dice_without + 0.05, (value, dice_without, dice_refitted)
         assert dice_refitted > 0.9, (value, dice_refitted)
     assert not refitted[:, [0, 1, 10, 11]].any()  # stretched to the structures, not beyond them
+
+
+def test_refit_never_moves_a_soft_one_slice_prior_into_nothing():
+    """Two labels at 0.3 each on one slice (union 0.6); the EM's structures span that slice and the next: a
+    half-slice move with linear interpolation would leave 0.4 everywhere, below the 0.5 that defines the
+    structures, and the final EM would have no region. The priors stay as they were instead."""
+    from proxyprompt.intensity import _refit_along_slices
+
+    j, i = np.mgrid[:20, :20]
+    disc = np.hypot(j - 10, i - 10) <= 5
+    priors = np.zeros((2, 6, 20, 20), np.float32)
+    priors[:, 2][:, disc] = 0.3
+    found = np.zeros((6, 20, 20), bool)
+    found[2:4][:, disc] = True
+    moved = _refit_along_slices(priors, found, (1.5, 1.5, 9.0), 0, DEFAULT_INTENSITY_SETTINGS)
+    np.testing.assert_array_equal(moved, priors)
+    # with a firm prior the same move happens (the guard is not a blanket no-op)
+    firm = priors * 3.0
+    moved = _refit_along_slices(firm, found, (1.5, 1.5, 9.0), 0, DEFAULT_INTENSITY_SETTINGS)
+    assert (moved.sum(axis=0) >= 0.5)[3].any() and not np.array_equal(moved, firm)

@@ -122,8 +122,9 @@ def _refit_along_slices(priors_lkji: np.ndarray, found_kji: np.ndarray, spacing,
     along that axis, so that the union's spread along the axis matches `found`'s (stretch clipped to
     ``refit_scale_limits``).
 
-    Only the slice axis: measured on 90 ACDC pairs, fitting the in-plane axes too gained nothing or lost
-    (the demons already fit in-plane borders; thick slices leave the base-apex extent to the affine alone).
+    Only the slice axis. Measured on 90 cached ACDC ED pairs (mean Dice 0.572 without a re-fit): slice axis
+    0.600; in-plane axes only 0.569; all three axes 0.592. The slice axis plus the array's j axis gave 0.615 on
+    these pairs, but j has no anatomical meaning across scanners, so it is not used.
     """
     prior_union = priors_lkji.sum(axis=0) >= 0.5
     if prior_union.sum() < 10 or found_kji.sum() < 10:
@@ -147,7 +148,10 @@ def _refit_along_slices(priors_lkji: np.ndarray, found_kji: np.ndarray, spacing,
     for prior_kji in priors_lkji:
         grid = _grid_image(prior_kji.astype(np.float32), spacing)
         moved.append(sitk.GetArrayFromImage(sitk.Resample(grid, grid, transform, sitk.sitkLinear, 0.0)))
-    return np.stack(moved)
+    moved_lkji = np.stack(moved)
+    if not (moved_lkji.sum(axis=0) >= 0.5).any():  # a one-slice structure squeezed between two slices
+        return priors_lkji
+    return moved_lkji
 
 
 def _crop_box(structures_kji: np.ndarray, spacing, margin_mm: float) -> Tuple[slice, ...]:
