@@ -138,7 +138,8 @@ def test_sam_family_conditioning_is_aligned_onto_the_target():
 def test_sam_family_alignment_follows_a_shifted_rotated_target():
     """Synthetic: the target is the reference moved by (12 mm, -18 mm) and rotated 15 degrees, on a grid
     of another pixel spacing; the conditioning masks land on the moved structures."""
-    from proxyprompt.generators.support_memory import _sample, _source_coords
+    import SimpleITK as sitk
+
     from proxyprompt.volume import Volume
 
     rng = np.random.default_rng(3)
@@ -163,16 +164,23 @@ def test_sam_family_alignment_follows_a_shifted_rotated_target():
     reference = ReferenceCase(Volume.from_geometry(ref_array, (spacing, spacing, 8.0), (0, 0, 0)),
                               Volume.from_geometry(ref_lab, (spacing, spacing, 8.0), (0, 0, 0)),
                               {1: "RV", 2: "MYO", 3: "LV"})
-    # target: 110 x 110 px of 1.25 mm; target point p comes from reference point R(-15 deg) (p - shift)
-    t_size, t_spacing, shift, angle = 110, 1.25, np.array([12.0, -18.0]), 15.0
-    rows, cols = np.mgrid[0:t_size, 0:t_size].astype(np.float64)
-    centre_t, centre_r = (t_size - 1) / 2.0, (size - 1) / 2.0
-    offset_r = ((rows - centre_t) * t_spacing - shift[0]) / t_spacing
-    offset_c = ((cols - centre_t) * t_spacing - shift[1]) / t_spacing
-    src_r, src_c = _source_coords(offset_r, offset_c, (0.0, 0.0), angle, 1.0, (t_spacing, t_spacing))
-    src_r, src_c = centre_r + src_r * t_spacing / spacing, centre_r + src_c * t_spacing / spacing
-    t_images = np.stack([_sample(im, src_r, src_c) for im in ref_array]).astype(np.float32)
-    t_labels = np.stack([_sample(lab, src_r, src_c, nearest=True) for lab in ref_lab])
+    # target: 110 x 110 px of 1.25 mm, both grids centred on (0, 0) mm; the structures are rotated by 15 deg
+    # about (0, 0) and then moved by (12 mm, -18 mm) (x = column, y = row), resampled with SimpleITK (not with
+    # the generator's own warp, so the test does not share its conventions)
+    t_size, t_spacing, shift, angle = 110, 1.25, np.array([-18.0, 12.0]), 15.0
+    motion = sitk.Euler2DTransform((0.0, 0.0), np.radians(angle), tuple(shift))  # reference -> target
+    to_reference = motion.GetInverse()  # Resample maps target points to reference points
+
+    def moved(array, interpolator):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+        image.SetSpacing((spacing, spacing))
+        image.SetOrigin((-(size - 1) / 2.0 * spacing,) * 2)
+        out = sitk.Resample(image, (t_size, t_size), to_reference, interpolator, (-(t_size - 1) / 2.0 * t_spacing,) * 2,
+                            (t_spacing, t_spacing), (1.0, 0.0, 0.0, 1.0), 0.0, sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(out)
+
+    t_images = np.stack([moved(im, sitk.sitkLinear) for im in ref_array]).astype(np.float32)
+    t_labels = np.stack([moved(lab, sitk.sitkNearestNeighbor) for lab in ref_lab]).astype(np.uint16)
     target = Volume.from_geometry(t_images, (t_spacing, t_spacing, 8.0), (0, 0, 0))
     frames = make_slice_stack(target)
     context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel("litemedsam"), {})

@@ -124,35 +124,28 @@ class SliceAlignment:
     target_centre: Tuple[float, float]
 
 
-def _source_coords(offset_rows, offset_cols, alignment_centre, angle, scale, spacing):
-    """Target-grid offsets (pixels, from the matched point) -> support-slice pixel coordinates. Rotation and
-    scale act on physical millimetres, so anisotropic pixels are handled."""
-    row_mm, col_mm = offset_rows * spacing[0], offset_cols * spacing[1]
-    radians = np.radians(angle)
-    cos, sin = np.cos(radians), np.sin(radians)
-    col_src = (cos * col_mm + sin * row_mm) / scale
-    row_src = (-sin * col_mm + cos * row_mm) / scale
-    return alignment_centre[0] + row_src / spacing[0], alignment_centre[1] + col_src / spacing[1]
+def _similarity_warp(image: np.ndarray, source_centre, target_centre, angle: float, scale: float, spacing,
+                     shape, nearest: bool = False) -> np.ndarray:
+    """`image` (a support slice on the target's pixel spacing) moved onto a grid of `shape` by the similarity
+    transform that puts its pixel `source_centre` on the grid's pixel `target_centre` (both (row, col)),
+    rotated by `angle` degrees and scaled by `scale` (target size / reference size). Rotation and scale act
+    on millimetres, so anisotropic pixels are handled. SimpleITK resampling (linear, or nearest neighbour
+    for masks); 0 outside."""
+    import SimpleITK as sitk
 
-
-def _sample(image, rows, cols, nearest=False):
-    """Image values at fractional pixel coordinates (bilinear, or nearest); 0 outside."""
-    height, width = image.shape
-    if nearest:
-        r, c = np.rint(rows).astype(int), np.rint(cols).astype(int)
-        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-        out = np.zeros(rows.shape, dtype=image.dtype)
-        out[inside] = image[r[inside], c[inside]]
-        return out
-    r0, c0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
-    fr, fc = rows - r0, cols - c0
-    out = np.zeros(rows.shape, dtype=np.float64)
-    for dr, wr in ((0, 1.0 - fr), (1, fr)):
-        for dc, wc in ((0, 1.0 - fc), (1, fc)):
-            r, c = r0 + dr, c0 + dc
-            inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-            out[inside] += (wr * wc)[inside] * image[r[inside], c[inside]]
-    return out
+    row_mm, col_mm = float(spacing[0]), float(spacing[1])
+    source = sitk.GetImageFromArray(np.ascontiguousarray(image, dtype=np.uint8 if nearest else np.float32))
+    source.SetSpacing((col_mm, row_mm))  # SimpleITK: (x = column, y = row), origin 0 for both grids
+    centre = (float(target_centre[1]) * col_mm, float(target_centre[0]) * row_mm)
+    # Resample maps each output point p to the input point T(p) = (R(-angle) / scale) (p - centre) + source
+    # centre: the inverse of "rotate by angle, scale by scale, move source_centre onto target_centre"
+    transform = sitk.Similarity2DTransform(1.0 / float(scale), -float(np.radians(angle)), (
+        float(source_centre[1]) * col_mm - centre[0], float(source_centre[0]) * row_mm - centre[1]), centre)
+    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    warped = sitk.Resample(source, (int(shape[1]), int(shape[0])), transform, interpolator, (0.0, 0.0),
+                           (col_mm, row_mm), (1.0, 0.0, 0.0, 1.0), 0.0,
+                           sitk.sitkUInt8 if nearest else sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(warped)
 
 
 def _union(masks) -> np.ndarray:
@@ -213,9 +206,9 @@ def _template(support: SupportSlice, centre, angle, scale, spacing, shape, margi
     half_r = (max(centre[0] - row0, row1 - centre[0]) + margin_mm / spacing[0]) * scale
     half_c = (max(centre[1] - col0, col1 - centre[1]) + margin_mm / spacing[1]) * scale
     half = (int(round(min(half_r, (shape[0] - 1) / 2.0 - 1))), int(round(min(half_c, (shape[1] - 1) / 2.0 - 1))))
-    off_r, off_c = np.mgrid[-half[0]:half[0] + 1, -half[1]:half[1] + 1].astype(np.float64)
-    src_r, src_c = _source_coords(off_r, off_c, centre, angle, scale, spacing)
-    return _sample(support.image, src_r, src_c), half
+    template = _similarity_warp(support.image, centre, half, angle, scale, spacing,
+                                (2 * half[0] + 1, 2 * half[1] + 1))
+    return template.astype(np.float64), half
 
 
 def global_alignment(supports: List[SupportSlice], targets: List["_NccTarget"], spacing,
@@ -275,10 +268,9 @@ def refine_alignment(support: SupportSlice, target: "_NccTarget", start: SliceAl
 
 def warp_masks(masks: Dict[int, np.ndarray], alignment: SliceAlignment, shape, spacing) -> Dict[int, np.ndarray]:
     """Support-slice masks moved onto the target slice by the alignment (nearest neighbour)."""
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
-    src_r, src_c = _source_coords(rows - alignment.target_centre[0], cols - alignment.target_centre[1],
-                                  alignment.source_centre, alignment.angle, alignment.scale, spacing)
-    return {value: _sample(mask, src_r, src_c, nearest=True).astype(bool) for value, mask in masks.items()}
+    return {value: _similarity_warp(mask, alignment.source_centre, alignment.target_centre, alignment.angle,
+                                    alignment.scale, spacing, shape, nearest=True).astype(bool)
+            for value, mask in masks.items()}
 
 
 @register_generator
