@@ -135,9 +135,10 @@ def test_sam_family_conditioning_is_aligned_onto_the_target():
                 assert _box_iou(box, bounding_box(truth[frame] == value)) > 0.3
 
 
-def test_sam_family_alignment_follows_a_shifted_rotated_target():
-    """Synthetic: the target is the reference moved by (12 mm, -18 mm) and rotated 15 degrees, on a grid
-    of another pixel spacing; the conditioning masks land on the moved structures."""
+def _shifted_rotated_pair():
+    """Synthetic reference (5 slices, RV / MYO / LV discs) and a target that is the reference moved by
+    (12 mm, -18 mm) and rotated 15 degrees, on a grid of another pixel spacing: (reference, target images,
+    target labels, target spacing)."""
     import SimpleITK as sitk
 
     from proxyprompt.volume import Volume
@@ -181,6 +182,14 @@ def test_sam_family_alignment_follows_a_shifted_rotated_target():
 
     t_images = np.stack([moved(im, sitk.sitkLinear) for im in ref_array]).astype(np.float32)
     t_labels = np.stack([moved(lab, sitk.sitkNearestNeighbor) for lab in ref_lab]).astype(np.uint16)
+    return reference, t_images, t_labels, t_spacing
+
+
+def test_sam_family_alignment_follows_a_shifted_rotated_target():
+    """The conditioning masks land on the moved structures."""
+    from proxyprompt.volume import Volume
+
+    reference, t_images, t_labels, t_spacing = _shifted_rotated_pair()
     target = Volume.from_geometry(t_images, (t_spacing, t_spacing, 8.0), (0, 0, 0))
     frames = make_slice_stack(target)
     context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel("litemedsam"), {})
@@ -190,6 +199,23 @@ def test_sam_family_alignment_follows_a_shifted_rotated_target():
         mask, truth = plan.objects[value].masks[start], t_labels[start] == value
         dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
         assert dice > 0.7, (value, dice)
+
+
+def test_sam_family_conditioning_skips_slices_where_no_placement_correlates():
+    """Target slices without contrast (here: blank) give NCC -1 everywhere; they must not become
+    conditioning slices with boxes placed there by guesswork."""
+    from proxyprompt.volume import Volume
+
+    reference, t_images, t_labels, t_spacing = _shifted_rotated_pair()
+    t_images = t_images.copy()
+    t_images[:2] = 0.25  # slices 0 and 1: constant
+    target = Volume.from_geometry(t_images, (t_spacing, t_spacing, 8.0), (0, 0, 0))
+    frames = make_slice_stack(target)
+    context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel("litemedsam"), {})
+    plan = get_generator("support-memory").plan(context)
+    conditioned = {frame for prompt in plan.objects.values() for frame in prompt.boxes}
+    assert conditioned and conditioned.isdisjoint({0, 1}), sorted(conditioned)
+    assert "NCC -1.00" not in plan.notes[-1]
 
 
 def test_sparse_reference_plan(acdc):

@@ -60,6 +60,7 @@ TEMPLATE_MARGIN_MM = 25.0  # context kept around the annotated structures in a t
 DEFAULT_CONDITIONING = 3  # conditioning target slices (SAM family)
 MIN_CONDITIONING_GAP = 2  # slices between two conditioning slices, at least
 CANDIDATE_Z_WINDOW = 0.3  # (target slice, support slice) pairs compared: relative z within this
+MIN_CONDITIONING_NCC = 0.0  # conditioning slices after the best one need a positive NCC
 
 
 def resample_to_grid(image: np.ndarray, spacing: Tuple[float, float], target_shape: Tuple[int, int],
@@ -185,7 +186,7 @@ class _NccTarget:
         out = np.full((height, width), -1.0)
         centred = template - template.mean()
         norm = float(np.sqrt((centred ** 2).sum()))
-        if norm < 1e-9 or h > height or w > width:
+        if norm < 1e-9 or h > height or w > width or self.variance < 1e-12:  # no contrast: nothing matches
             return out
         correlation = np.fft.irfft2(self.fft * np.conj(np.fft.rfft2(centred, s=(height, width))),
                                     s=(height, width))[:height - h + 1, :width - w + 1]
@@ -396,6 +397,8 @@ class SupportMemoryGenerator(Generator):
         for score, frame, index, alignment in candidates:
             if len(chosen) >= max(wanted, 1):
                 break
+            if chosen and alignment.score <= MIN_CONDITIONING_NCC:
+                continue  # no placement correlates (NCC -1: the template fits nowhere): a box there is a guess
             if any(abs(frame - f) < MIN_CONDITIONING_GAP for f, _, _ in chosen):
                 continue
             if any(np.sign(frame - f) != np.sign(support_z[index] - support_z[i]) for f, i, _ in chosen):
