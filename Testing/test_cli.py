@@ -33,6 +33,8 @@ def test_segment_and_evaluate_end_to_end_through_the_console_command(acdc, tmp_p
     assert summary["model"] == "none" and summary["precision"] == "fp32"
     assert summary["slices"] == 10 and summary["seconds"]["total"] > 0
     assert summary["labels"] == {"1": "right ventricle", "2": "myocardium", "3": "left ventricle"}
+    assert any(note.startswith("registration (intensity)") for note in summary["notes"])  # what the generator did
+    assert summary["notes"][0] in run.stderr  # ... and the user sees it in the log too
 
     target = read_image(acdc / "patient002_ED_image.nii.gz")
     result, table = read_label(output)

@@ -209,8 +209,11 @@ def run_segment(args) -> dict:
         "labels": {str(v): info.name for v, info in result.table.items()},
         "corrected_slices": result.info["corrected_slices"],
         "references": len(references),
+        "notes": result.info["notes"],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+    for note in result.info["notes"]:  # what the generator did (which slices it matched, how well): the user checks
+        log.info("%s", note)
     return summary
 
 
