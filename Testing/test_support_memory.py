@@ -218,6 +218,34 @@ def test_sam_family_conditioning_skips_slices_where_no_placement_correlates():
     assert "NCC -1.00" not in plan.notes[-1]
 
 
+def test_sam_family_falls_back_to_registration_when_no_slice_aligns(caplog):
+    """When the best aligned slice pair's NCC is below the floor, the prompts come from the registration
+    generator (priors on every frame), and the plan and the log say so; above it, the aligned prompts stay."""
+    from proxyprompt.volume import Volume
+
+    reference, t_images, t_labels, t_spacing = _shifted_rotated_pair()
+    target = Volume.from_geometry(t_images, (t_spacing, t_spacing, 8.0), (0, 0, 0))
+    frames = make_slice_stack(target)
+
+    def plan_with(options):
+        context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel("litemedsam"), options)
+        return get_generator("support-memory").plan(context)
+
+    aligned = plan_with({})
+    assert "aligned onto target slice" in aligned.notes[-1]
+    assert all(prompt.prior is None for prompt in aligned.objects.values())
+    best = float(aligned.notes[-1].split("NCC ")[1].split(",")[0])
+    with caplog.at_level("WARNING", logger="proxyprompt"):
+        fallback = plan_with({"min_alignment_ncc": best + 0.05})
+    assert "registration generator" in fallback.notes[0] and fallback.notes[1].startswith("registration (deformable)")
+    assert any("registration generator" in record.message for record in caplog.records)
+    for value, prompt in fallback.objects.items():
+        assert prompt.prior is not None and prompt.prior.shape == (frames.num_slices, frames.height, frames.width)
+        truth = t_labels == value
+        dice = 2 * ((prompt.prior > 0.5) & truth).sum() / ((prompt.prior > 0.5).sum() + truth.sum())
+        assert dice > 0.5, (value, dice)  # the registration prior found the moved structures
+
+
 def test_sparse_reference_plan(acdc):
     reference, target = acdc
     plan, _ = plan_for(sparse(reference), target, "sam2")
