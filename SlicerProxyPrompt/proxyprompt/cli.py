@@ -146,9 +146,10 @@ def resolve_model_choice(model: str, generator: Optional[str]):
 def default_generator_for(model: str) -> str:
     from .models.registry import get_model_spec
 
-    # With a model, support-memory (reference slices as memory / aligned prompts) is the best measured generator:
-    # ACDC, LiteMedSAM, 16 pairs: mean Dice 0.610 vs 0.538 with the registration prior as prompts (docs/benchmarks.md).
-    # Without one, registration is the only generator that gives a segmentation.
+    # With a model, support-memory (reference slices as memory / aligned prompts; the registration prior when no
+    # slice aligns): ACDC, LiteMedSAM, 80 cross-patient pairs, on par with the registration prior as prompts (mean
+    # Dice 0.539 vs 0.530; 0.484 vs 0.501 on the 40 pairs that chose no setting, docs/benchmarks.md), and the form
+    # SAM 2's memory takes. Without a model, registration is the only generator that gives a segmentation.
     return "registration" if get_model_spec(model).family == "none" else "support-memory"
 
 
