@@ -7,7 +7,8 @@ phase), and compared with the target's ground truth. Next to it, an oracle for e
 ground-truth label as the prior (a ground-truth box per slice, the same propagation and ring handling).
 
 Writes the section between `<!-- accuracy:start -->` and `<!-- accuracy:end -->` of docs/benchmarks.md
-and the plot docs/accuracy.png.
+and the plot docs/accuracy.png; with `--reference-offset N` (N != 1) the section `accuracy-offsetN` and the plot
+docs/accuracy-offsetN.png.
 
     .venv/bin/python benchmarks/accuracy.py --patients 20 --references 1
     .venv/bin/python benchmarks/accuracy.py --patients 20 --references 1 --reference-offset 2   # other pairs
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=10, help="first N patients (sorted) of the shared ACDC set")
     parser.add_argument("--references", type=int, default=1,
-                        help="references per target: the next K patients in the list (cyclic), same phase")
+                        help="references per target: K patients in a row from --reference-offset on (cyclic), same phase")
     parser.add_argument("--reference-offset", type=int, default=1,
                         help="the references of the target at position i are the patients at i+offset ... (cyclic); "
                              "another offset gives pairs disjoint from the default ones (a held-out check)")
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     from proxyprompt.generators import list_generators
     from proxyprompt.generators.base import ReferenceCase
     from proxyprompt.generators.registration import plan_from_label_stack
+    from proxyprompt.generators.support_memory import FALLBACK_NOTE
     from proxyprompt.pipeline import Engine, compose_labels, keep_largest_components
     from proxyprompt.volume import read_image, read_label
 
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
                         label = np.asarray(result.label.array)
                         row = {"case": target_case, "reference": f"{ref_patient}_{phase}", "phase": phase,
                                "seconds": time.perf_counter() - tick,
-                               "fallback": any("registration generator instead" in n for n in result.info["notes"]),
+                               "fallback": any(FALLBACK_NOTE in n for n in result.info["notes"]),
                                "dice": {v: dice(label == v, truth == v) for v in STRUCTURES}}
                         results.setdefault(("run", generator, model_name), []).append(row)
                         print(f"{target_case} <- {ref_patient}_{phase} {generator:>14} {model_name:>10}: "

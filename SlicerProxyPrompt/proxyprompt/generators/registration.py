@@ -34,7 +34,9 @@ def default_registration_method(model) -> str:
     Measured (ACDC, LiteMedSAM): before the EM's slice-axis re-fit, on 16 pairs, the intensity stage improved the
     label itself (model none: mean Dice 0.468 -> 0.503) but a model prompted from it did worse than from the demons
     labels (0.538 -> 0.488). With the re-fit, on the 40 + 40 pairs of benchmarks/accuracy.py (offsets 1 and 2), the
-    two priors give LiteMedSAM the same (intensity 0.560 / 0.495, demons 0.559 / 0.501), so the faster one stays.
+    two priors give LiteMedSAM the same: demons 0.559 / 0.501 (the benchmark's rows), intensity 0.560 / 0.495 (a
+    one-off run of the same pairs, `Engine("litemedsam").segment(..., generator="registration",
+    options={"registration_method": "intensity"})`), so the faster one stays.
     """
     return "intensity" if model is None else "deformable"
 

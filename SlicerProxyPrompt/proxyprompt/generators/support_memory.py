@@ -73,6 +73,7 @@ MIN_CONDITIONING_NCC = 0.0  # conditioning slices after the best one need a posi
 # and the registration prior 0.42; in the 24 above, 0.71 and 0.65. Not held out; `--reference-offset 2` of the
 # benchmark checks it on 40 other pairs (docs/benchmarks.md).
 MIN_ALIGNMENT_NCC = 0.55
+FALLBACK_NOTE = "so the prompts come from the registration generator instead"  # in the plan's notes
 
 
 def resample_to_grid(image: np.ndarray, spacing: Tuple[float, float], target_shape: Tuple[int, int],
@@ -379,7 +380,7 @@ class SupportMemoryGenerator(Generator):
         from .registration import RegistrationGenerator
 
         message = (f"support-memory (SAM family): the reference's slices match no target slice well (best aligned "
-                   f"NCC {best:.2f} < {floor:.2f}), so the prompts come from the registration generator instead")
+                   f"NCC {best:.2f} < {floor:.2f}), {FALLBACK_NOTE}")
         log.warning("%s", message)
         plan = RegistrationGenerator().plan(context)
         plan.notes.insert(0, message)
