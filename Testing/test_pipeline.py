@@ -61,7 +61,8 @@ def test_progress_and_cancel():
     token = CancelToken()
     phases = []
 
-    def progress(phase, done, total):
+    def progress(event):
+        phase, done, total = event.phase, event.done, event.total
         phases.append(phase)
         token.set()
 

@@ -48,7 +48,7 @@ def first_run(engine, cases):
     reference, target, _ = cases
     events = []
     result = engine.segment([reference], target, generator="support-memory", labels=[1, 3],
-                            progress=lambda phase, done, total: events.append((phase, done, total)))
+                            progress=lambda event: events.append((event.phase, event.done, event.total)))
     return result, events
 
 
@@ -98,7 +98,8 @@ def test_cancel_mid_run_raises(engine, cases):
     reference, target, _ = cases
     token = CancelToken()
 
-    def progress(phase, done, total):
+    def progress(event):
+        phase, done, total = event.phase, event.done, event.total
         if phase == "propagate" and done >= 1:
             token.set()
 
@@ -146,7 +147,7 @@ def test_incremental_rerun_tracks_only_downstream_frames(engine, five):
 
     events = []
     second = model.propagate(frames, plan, Corrections(labels, [3]),
-                             progress=lambda phase, done, total: events.append((phase, done, total)))
+                             progress=lambda event: events.append((event.phase, event.done, event.total)))
     assert model._last_run["incremental"] is True and model._last_run["new_corrections"] == [3]
     assert model.frames_propagated == 2
     assert [(d, t) for p, d, t in events if p == "propagate"] == [(1, 2), (2, 2)]

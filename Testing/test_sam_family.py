@@ -181,7 +181,7 @@ def test_propagation_stops_outside_the_prior_range(engine, pair):
     prior[5:] = 0
     plan = PromptPlan(objects={3: ObjectPrompt(label=3, prior=prior, frame_range=(2, 4))})
     seen = []
-    probabilities = model.propagate(frames, plan, progress=lambda phase, done, total: seen.append((phase, done)))
+    probabilities = model.propagate(frames, plan, progress=lambda event: seen.append((event.phase, event.done)))
     assert set(probabilities) == {3}
     p = probabilities[3]
     assert p.shape == frames.images.shape and p.dtype == np.float32
@@ -216,7 +216,8 @@ def test_cancel_raises(engine, pair):
     reference, target_image, _ = pair
     cancel = threading.Event()
 
-    def progress(phase, done, total):
+    def progress(event):
+        phase, done, total = event.phase, event.done, event.total
         if phase == "propagate" and done >= 2:
             cancel.set()
 

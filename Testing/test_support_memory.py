@@ -86,7 +86,7 @@ def test_plan_for_sam_family_puts_masks_on_the_start_frame(acdc):
     reference, target = acdc
     events = []
     plan, frames = plan_for(reference, target, "litemedsam",
-                            progress=lambda phase, done, total: events.append((phase, done, total)))
+                            progress=lambda event: events.append((event.phase, event.done, event.total)))
     assert plan.support == []
     align = [(done, total) for phase, done, total in events if phase == "align"]  # the seconds-long search
     assert align and align[-1][0] == align[-1][1] and [d for d, _ in align] == sorted(d for d, _ in align)

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from typing import List, Optional
 
 from . import __version__
@@ -103,119 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- progress -----------------------------------------------------------------------------------
-class TqdmProgress:
-    """Progress callback (phase, done, total) -> one tqdm bar per phase on stderr."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._bars = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        bar = self._bars.get(phase)
-        if bar is None:
-            unit = {"register": "%", "align": "step"}.get(phase, "slice")
-            bar = self._bars[phase] = tqdm(total=total, desc=phase, unit=unit, file=sys.stderr, leave=False)
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    def close(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
-        self._bars.clear()
-
-
-# --- model choice -------------------------------------------------------------------------------
-def resolve_model_choice(model: str, generator: Optional[str]):
-    """'auto' -> the best model available here, and the generator measured best with it."""
-    from .models.base import best_available_model
-
-    if model == "auto":
-        model, reason = best_available_model()
-        log.info("model: %s (%s)", model, reason)
-    if generator is None:
-        generator = default_generator_for(model)
-    return model, generator
-
-
-def default_generator_for(model: str) -> str:
-    from .models.registry import get_model_spec
-
-    # With a model, support-memory (reference slices as memory / aligned prompts; the registration prior when no
-    # slice aligns): ACDC, LiteMedSAM, 80 cross-patient pairs, on par with the registration prior as prompts (mean
-    # Dice 0.539 vs 0.530; 0.484 vs 0.501 on the 40 pairs that chose no setting, docs/benchmarks.md), and the form
-    # SAM 2's memory takes. Without a model, registration is the only generator that gives a segmentation.
-    return "registration" if get_model_spec(model).family == "none" else "support-memory"
-
-
 # --- commands -----------------------------------------------------------------------------------
+def request_from_args(args) -> "SegmentRequest":
+    from .service import SegmentRequest
+
+    return SegmentRequest(
+        reference_images=list(args.reference_image), reference_labels=list(args.reference_label),
+        target=args.target, output=args.output, label_table=args.label_table, generator=args.generator,
+        model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
+        precision=args.precision, labels=args.labels, slice_axis=args.slice_axis, corrections=args.corrections,
+        corrected_slices=args.corrected_slices, registration_method=args.registration_method, fusion=args.fusion,
+        top_k=args.top_k, cleanup=not args.no_cleanup,
+    )
+
+
 def run_segment(args) -> dict:
-    from .cases import load_reference_case
-    from .pipeline import Engine, MAX_TARGET_VOXELS
-    from .volume import check_output_path, read_image, read_label, write_label
+    from .progress import TqdmProgress
+    from .service import EngineSession
 
-    started = time.perf_counter()
-    if len(args.reference_image) != len(args.reference_label):
-        raise InputError(
-            f"{len(args.reference_image)} --reference-image but {len(args.reference_label)} --reference-label: "
-            "give one label per reference image"
-        )
-    output = check_output_path(args.output)
-    references = [
-        load_reference_case(image, label, args.label_table)
-        for image, label in zip(args.reference_image, args.reference_label)
-    ]
-    target = read_image(args.target, max_voxels=MAX_TARGET_VOXELS)
-    corrections = None
-    if args.corrections:
-        corrections, _ = read_label(args.corrections)
-    model, generator = resolve_model_choice(args.model, args.generator)
-    read_seconds = time.perf_counter() - started
-
-    engine = Engine(model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
-                    precision=args.precision)
-    if engine.model is not None and engine.model.is_random:
-        log.warning("model '%s' has RANDOM weights: the output tests the pipeline, it is not a segmentation", model)
     progress = TqdmProgress(enabled=not args.quiet)
     try:
-        result = engine.segment(
-            references, target, generator=generator, labels=args.labels, slice_axis=args.slice_axis,
-            corrections=corrections, corrected_slices=args.corrected_slices, cleanup=not args.no_cleanup,
-            options={"registration_method": args.registration_method, "fusion": args.fusion,
-                     "top_k": args.top_k if args.top_k else (3 if len(references) > 3 else None)},
-            progress=progress,
-        )
+        return EngineSession().segment(request_from_args(args), progress=progress)
     finally:
         progress.close()
-    tick = time.perf_counter()
-    write_label(result.label, result.table, output)
-    seconds = dict(result.timings)
-    seconds["read"] = read_seconds
-    seconds["write"] = time.perf_counter() - tick
-    seconds["total"] = time.perf_counter() - started
-    summary = {
-        "output": str(output),
-        "generator": result.info["generator"],
-        "model": result.info["model"],
-        "device": result.info["device"],
-        "precision": result.info["precision"],
-        "random_weights": result.info["random_weights"],
-        "slices": result.info["slices"],
-        "slice_axis": result.info["slice_axis"],
-        "labels": {str(v): info.name for v, info in result.table.items()},
-        "corrected_slices": result.info["corrected_slices"],
-        "references": len(references),
-        "notes": result.info["notes"],
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-    }
-    for note in result.info["notes"]:  # what the generator did (which slices it matched, how well): the user checks
-        log.info("%s", note)
-    return summary
 
 
 def run_evaluate(args) -> dict:
@@ -225,16 +134,6 @@ def run_evaluate(args) -> dict:
     prediction, _ = read_label(args.prediction)
     truth, table = read_label(args.truth, args.label_table)
     return evaluate(prediction, truth, label_table=table)
-
-
-def format_evaluation(report: dict) -> str:
-    lines = [f"{'label':>5}  {'name':<22} {'dice':>6} {'hd95 mm':>8} {'dvol ml':>8}"]
-    for value, row in report["labels"].items():
-        hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
-        dv = "-" if row["volume_difference_ml"] is None else f"{row['volume_difference_ml']:.1f}"
-        lines.append(f"{value:>5}  {row['name'][:22]:<22} {row['dice']:6.3f} {hd:>8} {dv:>8}")
-    lines.append(f"{'':>5}  {'mean':<22} {report['mean_dice']:6.3f}")
-    return "\n".join(lines)
 
 
 def run_models(args) -> list:
@@ -265,6 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          summary["model"], summary["slices"], summary["seconds"]["total"])
         elif args.command == "evaluate":
             report = run_evaluate(args)
+            from .metrics import format_evaluation
+
             print(json.dumps(report) if args.json else format_evaluation(report))
         elif args.command == "models":
             rows = run_models(args)

@@ -34,8 +34,9 @@ def find_data_dir(data=None) -> Path:
 
 def run_demo(args) -> dict:
     from .cases import load_reference_case
-    from .cli import TqdmProgress, resolve_model_choice
-    from .metrics import evaluate
+    from .metrics import evaluate, format_evaluation
+    from .progress import TqdmProgress
+    from .service import resolve_model_choice
     from .pipeline import Engine
     from .render import render_outlines
     from .volume import read_image, read_label, write_label
@@ -74,7 +75,5 @@ def run_demo(args) -> dict:
         "seconds": round(result.timings["total"], 2),
     }
     (out / f"{stem}.dice.json").write_text(json.dumps(report, indent=1))
-    from .cli import format_evaluation
-
     sys.stderr.write(f"\n{title}\n{format_evaluation(report)}\nwrote {seg_path}, {nii_path}, {png_path}\n")
     return summary

@@ -166,3 +166,13 @@ def evaluate(
         }
     mean = float(np.mean([r["dice"] for r in results.values()])) if results else None
     return {"labels": results, "mean_dice": mean}
+
+
+def format_evaluation(report: dict) -> str:
+    lines = [f"{'label':>5}  {'name':<22} {'dice':>6} {'hd95 mm':>8} {'dvol ml':>8}"]
+    for value, row in report["labels"].items():
+        hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
+        dv = "-" if row["volume_difference_ml"] is None else f"{row['volume_difference_ml']:.1f}"
+        lines.append(f"{value:>5}  {row['name'][:22]:<22} {row['dice']:6.3f} {hd:>8} {dv:>8}")
+    lines.append(f"{'':>5}  {'mean':<22} {report['mean_dice']:6.3f}")
+    return "\n".join(lines)

@@ -20,14 +20,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import Cancelled, InputError
+from .errors import InputError
+from .progress import ProgressCallback, check_cancel
 from .frames import SliceStack, make_slice_stack
 from .generators.base import Corrections, GeneratorContext, ReferenceCase, get_generator
 from .volume import LabelTable, Volume
 
 log = logging.getLogger("proxyprompt")
 
-ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
 
 # Largest target the engine accepts: frames are held as float32 plus model features per slice.
 MAX_TARGET_VOXELS = 512 * 512 * 1024
@@ -46,13 +46,7 @@ class CancelToken:
         return self._event.is_set()
 
     def check(self) -> None:
-        if self._event.is_set():
-            raise Cancelled("cancelled by the user")
-
-
-def check_cancel(cancel) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("cancelled by the user")
+        check_cancel(self)
 
 
 @dataclass(eq=False)

@@ -55,7 +55,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import Cancelled, InputError
+from .errors import InputError
+from .progress import check_cancel
 from .filters import gaussian_mm, largest_component, signed_distance_mm
 from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
 from .volume import Volume
@@ -132,11 +133,6 @@ class RegisteredCase:
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def _check_cancel(cancel) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("registration cancelled")
-
-
 def _label_values(label: Volume) -> List[int]:
     return [int(v) for v in np.unique(label.array) if v != 0]
 
@@ -625,7 +621,7 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
     values = _label_values(reference_label)
     if not values:
         raise InputError("the reference label is empty")
-    _check_cancel(cancel)
+    check_cancel(cancel)
 
     target = _normalised(target_image, settings.percentiles)
     ref_image = _normalised(reference_image, settings.percentiles)
@@ -652,20 +648,20 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
         info["locate_scores"] = [c[0] for c in candidates]
         transform = candidates[0][1]
         record("located", transform)
-        _check_cancel(cancel)
+        check_cancel(cancel)
         if method in ("affine", "deformable", "intensity") and settings.affine_transform != "none":
             # screen every candidate with a short refinement, then converge the best one
             best = None
             screen = replace(settings, affine_iterations=settings.affine_screen_iterations)
             for _, initial in candidates:
-                _check_cancel(cancel)
+                check_cancel(cancel)
                 refined = _refine_affine(target, ref_image, ref_distance, initial,
                                          screen if len(candidates) > 1 else settings)
                 score = _similarity(target, ref_image, ref_distance, refined, settings.affine_margin_mm)
                 if best is None or score > best[0]:
                     best = (score, refined)
             if len(candidates) > 1:
-                _check_cancel(cancel)
+                check_cancel(cancel)
                 refined = _refine_affine(target, ref_image, ref_distance, best[1], settings)
                 score = _similarity(target, ref_image, ref_distance, refined, settings.affine_margin_mm)
                 if score >= best[0]:
@@ -675,15 +671,15 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
             record("affine", transform)
         linear = transform
         if method in ("deformable", "intensity"):
-            _check_cancel(cancel)
+            check_cancel(cancel)
             transform = _deformable(target, ref_image, ref_distance, transform, settings)
-    _check_cancel(cancel)
+    check_cancel(cancel)
     probabilities = _warp_labels(reference_label, target, transform, values, settings.label_sigma_mm)
     label = target_image.with_array(labels_from_probabilities(probabilities))
     if method == "intensity":
         if keep_stages:
             stages["deformable"] = (label, time.perf_counter() - start)
-        _check_cancel(cancel)
+        check_cancel(cancel)
         refined, probabilities = refine_by_intensity(target_image, probabilities, settings.intensity)
         label = target_image.with_array(refined)
     # image match in the structure region after the last *linear* stage: demons would inflate it
@@ -834,11 +830,11 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
     _check_fusion_arguments(fusion, top_k)
     results: List[RegisteredCase] = []
     for index, (image, label) in enumerate(references):
-        _check_cancel(cancel)
+        check_cancel(cancel)
         if progress is not None:
             progress(index / (len(references) + 1), f"registering reference {index + 1} of {len(references)}")
         results.append(register_case(image, label, target_image, method, cancel, settings))
-    _check_cancel(cancel)
+    check_cancel(cancel)
     if progress is not None:
         progress(len(references) / (len(references) + 1), f"fusing label maps ({fusion})")
     fused, fused_info = fuse_registered(results, fusion, top_k, cleanup, select)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..frames import bounding_box
+from ..progress import report
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
 
 
@@ -54,9 +55,8 @@ class RegistrationGenerator(Generator):
         pairs = [(reference.image, reference.label) for reference in context.references]
         progress = context.progress
 
-        def report(fraction, message=""):
-            if progress is not None:
-                progress("register", int(round(100 * fraction)), 100)
+        def on_fraction(fraction, message=""):
+            report(progress, "register", int(round(100 * fraction)), 100, message)
 
         method = options.get("registration_method") or default_registration_method(context.model)
         fused, info = segment_by_registration(
@@ -67,7 +67,7 @@ class RegistrationGenerator(Generator):
             top_k=options.get("top_k"),
             cleanup=True,
             cancel=context.cancel,
-            progress=report,
+            progress=on_fraction,
         )
         label_stack = context.target_frames.labels(fused)
         plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels))

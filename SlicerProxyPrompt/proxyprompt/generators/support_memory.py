@@ -45,7 +45,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
+from ..errors import InputError
+from ..progress import check_cancel, report
 from ..frames import SliceStack, bounding_box, make_slice_stack
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, SupportSlice, register_generator
 
@@ -237,10 +238,8 @@ def global_alignment(supports: List[SupportSlice], targets: List["_NccTarget"], 
     best = None
     steps = [(angle, scale) for angle in angles for scale in scales]
     for step, (angle, scale) in enumerate(steps):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled by the user")
-        if progress is not None:
-            progress("align", step, len(steps))
+        check_cancel(cancel)
+        report(progress, "align", step, len(steps))
         templates = [_template(s, centre, angle, scale, spacing, shape, margin_mm) for s in supports]
         total = np.zeros(shape)
         for target in targets:
@@ -253,8 +252,7 @@ def global_alignment(supports: List[SupportSlice], targets: List["_NccTarget"], 
         if best is None or total[index] > best.score:
             best = SliceAlignment(float(total[index]), float(angle), float(scale), centre,
                                   (float(index[0]), float(index[1])))
-    if progress is not None:
-        progress("align", len(steps), len(steps))
+    report(progress, "align", len(steps), len(steps))
     return best
 
 

@@ -13,10 +13,10 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from ..errors import InputError
+from ..progress import ProgressCallback, report
 
 log = logging.getLogger("proxyprompt")
 
-ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 def select_device(requested: str = "auto") -> str:
@@ -107,8 +107,8 @@ class SliceModel:
         if key not in self._feature_cache:
             self._feature_cache.clear()  # one target at a time: keep memory bounded
             self._feature_cache[key] = self._encode(frames, progress, cancel)
-        elif progress is not None:
-            progress("encode", frames.num_slices, frames.num_slices)
+        else:
+            report(progress, "encode", frames.num_slices, frames.num_slices)
         return self._feature_cache[key]
 
     def _encode(self, frames, progress, cancel):  # pragma: no cover - interface

@@ -39,7 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
+from ..errors import InputError
+from ..progress import check_cancel, report
 from .base import SliceModel, autocast, select_device, select_precision
 
 log = logging.getLogger("proxyprompt")
@@ -363,8 +364,7 @@ class Sam2Model(SliceModel):
         levels, pos, pooled = None, None, []
         offload = self.device != "cpu"
         for start in range(0, count, self.encode_batch):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled by the user")
+            check_cancel(cancel)
             chunk = preprocess_slices(images[start : start + self.encode_batch], self.image_size).to(self.device)
             with self._forward_mode():
                 out = self.predictor.forward_image(chunk)
@@ -380,8 +380,7 @@ class Sam2Model(SliceModel):
                 level[start : start + value.shape[0]] = value.to(level.device)
             pooled.append(_pool_embeddings(fpn[-1]))
             self.encoder_calls += int(chunk.shape[0])
-            if progress is not None:
-                progress(phase, min(start + self.encode_batch, count), count)
+            report(progress, phase, min(start + self.encode_batch, count), count)
         return FrameFeatures(levels, pos, np.concatenate(pooled, axis=0))
 
     def _encode(self, frames, progress, cancel) -> FrameFeatures:
@@ -520,13 +519,11 @@ class Sam2Model(SliceModel):
                     # forward re-tracking (incremental) must not see the reverse-tracked frames' memories
                     predictor._memory_floor = offset + start if (new_frames is not None and not reverse) else None
                     for frame in order:
-                        if cancel is not None and cancel.is_set():
-                            raise Cancelled("cancelled by the user")
+                        check_cancel(cancel)
                         self._track_frame(state, offset + frame, reverse)
                         done += 1
                         self.frames_propagated += 1
-                        if progress is not None:
-                            progress("propagate", done, total)
+                        report(progress, "propagate", done, total)
             finally:
                 predictor._active_selection = None
                 predictor._memory_floor = None

@@ -39,7 +39,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
+from ..errors import InputError
+from ..progress import check_cancel, report
 from ..frames import bounding_box
 from .base import SliceModel, autocast, select_device, select_precision
 
@@ -59,9 +60,6 @@ _SAM_VARIANTS = {
 PREPROCESSING = ("official", "no-minmax", "stretch")
 
 
-def _check_cancel(cancel) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("cancelled by the user")
 
 
 def _fill_holes_2d(mask_hw: np.ndarray) -> np.ndarray:
@@ -279,18 +277,16 @@ class SamFamilyModel(SliceModel):
         images = frames.images
         total = images.shape[0]
         embeddings = []
-        if progress is not None:
-            progress("encode", 0, total)
+        report(progress, "encode", 0, total)
         with torch.inference_mode():
             for start in range(0, total, self.batch_size):
-                _check_cancel(cancel)
+                check_cancel(cancel)
                 batch = self._preprocess(images[start:start + self.batch_size]).to(self.device)
                 with autocast(self.device, self.precision):
                     embedding = self.net.image_encoder(batch)
                 embeddings.append(embedding.float().cpu())
                 self.encoder_calls += int(batch.shape[0])
-                if progress is not None:
-                    progress("encode", min(start + self.batch_size, total), total)
+                report(progress, "encode", min(start + self.batch_size, total), total)
         return {"embeddings": torch.cat(embeddings, dim=0), "shape": (frames.height, frames.width)}
 
     def _features_for(self, frames=None):
@@ -375,19 +371,17 @@ class SamFamilyModel(SliceModel):
                 items.append(("plain", value, [value]))
         total = n * len(items)
         done = 0
-        if progress is not None:
-            progress("propagate", 0, total)
+        report(progress, "propagate", 0, total)
 
-        def report(step=1):
+        def step_done(step=1):
             nonlocal done
             done += step
-            if progress is not None:
-                progress("propagate", min(done, total), total)
+            report(progress, "propagate", min(done, total), total)
 
         raw: Dict[int, np.ndarray] = {}
         for kind, value, members in items:
             if kind == "filled" and self.ring_mode != "filled-minus-inner":
-                report(n)  # the ring is derived below, no decoding of its own
+                step_done(n)  # the ring is derived below, no decoding of its own
                 continue
             prior = self._combined_prior(objects, members)
             member_seeds = self._combined_seeds(seeds, members)
@@ -403,7 +397,7 @@ class SamFamilyModel(SliceModel):
         for kind, value, members in items:
             if kind != "filled":
                 continue
-            _check_cancel(cancel)
+            check_cancel(cancel)
             inner = np.zeros((n, height, width), dtype=np.float32)
             for other in members[1:]:
                 inner = np.maximum(inner, probabilities.get(other, inner))
@@ -523,7 +517,7 @@ class SamFamilyModel(SliceModel):
             frame_range = (int(present[0]), int(present[-1]))
         seeded = sorted(f for f, m in seeds.items() if m.any())
         if frame_range is None and not seeded:
-            report(n)
+            step_done(n)
             return
         first, last = frame_range if frame_range is not None else (seeded[0], seeded[-1])
         if seeded:  # a corrected slice holding the structure extends the range
@@ -540,16 +534,16 @@ class SamFamilyModel(SliceModel):
         order = list(range(first, last + 1))
         pending = []
         for frame in range(n):
-            _check_cancel(cancel)
+            check_cancel(cancel)
             if frame in seeds or not first <= frame <= last:
-                report()
+                step_done()
                 continue
             box = bounding_box(prior[frame] > 0.5, self.prior_margin)
             if box is None and frame in boxes and boxes[frame] is not None:
                 box = np.asarray(boxes[frame], dtype=np.float32)
             if box is None:
                 pending.append(frame)  # no prior here: take the neighbour's prediction afterwards
-                report()
+                step_done()
                 continue
             if offsets:
                 nearest = min(offsets, key=lambda f: (abs(f - frame), f))
@@ -558,10 +552,10 @@ class SamFamilyModel(SliceModel):
             mask_prior = prior[frame] if self.use_mask_prompt else None
             probability, _ = self.predict_slice(frame, box, mask_prior)
             result[frame] = probability
-            report()
+            step_done()
         del order
         for frame in pending:  # gaps inside the range: box of the nearest predicted neighbour
-            _check_cancel(cancel)
+            check_cancel(cancel)
             for distance in range(1, n):
                 neighbours = [f for f in (frame - distance, frame + distance) if 0 <= f < n and result[f].max() > 0.5]
                 if neighbours:
@@ -588,7 +582,7 @@ class SamFamilyModel(SliceModel):
             nonlocal reported
             if reported < n:
                 reported += 1
-                report()
+                step_done()
 
         owner_distance = {f: 0 for f in known}
         for start in sorted(starts):
@@ -598,7 +592,7 @@ class SamFamilyModel(SliceModel):
                 frame = start + step
                 distance = 1
                 while first <= frame <= last and 0 <= frame < n:
-                    _check_cancel(cancel)
+                    check_cancel(cancel)
                     if frame in known:
                         break
                     if frame in owner_distance and owner_distance[frame] <= distance:
@@ -622,7 +616,7 @@ class SamFamilyModel(SliceModel):
                     frame += step
                     distance += 1
         if reported < n:
-            report(n - reported)
+            step_done(n - reported)
 
     @staticmethod
     def _clip_box(box, shape_hw):
