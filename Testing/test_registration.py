@@ -263,14 +263,15 @@ def test_segment_by_registration_picks_the_similar_references(synthetic):
     references = [(unrelated, ref_label), (ref_image, ref_label), (ref_image, ref_label)]
     messages = []
     label, info = segment_by_registration(
-        references, tgt_image, method="affine", top_k=2, progress=lambda f, m: messages.append((f, m))
+        references, tgt_image, method="affine", top_k=2, progress=messages.append
     )
     assert_on_grid(label, tgt_image)
     assert sorted(info["chosen"]) == [1, 2]
     assert info["similarity"][0] < min(info["similarity"][1:])
     assert np.mean([dice(label.array, tgt_label.array, v) for v in (1, 2, 3)]) > 0.85
-    fractions = [f for f, _ in messages]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    fractions = [event.fraction for event in messages]
+    assert {event.phase for event in messages} == {"register"}
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and messages[-1].message == "done"
     # ranking by image similarity alone also leaves the unrelated reference out
     _, info = segment_by_registration(references, tgt_image, method="located", top_k=2, select="similarity")
     assert sorted(info["chosen"]) == [1, 2]

@@ -50,13 +50,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .progress import check_cancel
+from .progress import ProgressCallback, check_cancel, report
 from .filters import gaussian_mm, largest_component, signed_distance_mm
 from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
 from .volume import Volume
@@ -814,7 +814,7 @@ def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top
 def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_image: Volume,
                             method: str = "intensity", fusion: str = "vote", top_k: Optional[int] = None,
                             cleanup: bool = True, cancel=None,
-                            progress: Optional[Callable[[float, str], None]] = None,
+                            progress: Optional[ProgressCallback] = None,
                             settings: RegistrationSettings = DEFAULT_SETTINGS,
                             select: str = "agreement") -> Tuple[Volume, dict]:
     """Register every reference (image, label) to the target and fuse the `top_k` best.
@@ -831,12 +831,11 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
     results: List[RegisteredCase] = []
     for index, (image, label) in enumerate(references):
         check_cancel(cancel)
-        if progress is not None:
-            progress(index / (len(references) + 1), f"registering reference {index + 1} of {len(references)}")
+        report(progress, "register", index, len(references) + 1,
+               f"registering reference {index + 1} of {len(references)}")
         results.append(register_case(image, label, target_image, method, cancel, settings))
     check_cancel(cancel)
-    if progress is not None:
-        progress(len(references) / (len(references) + 1), f"fusing label maps ({fusion})")
+    report(progress, "register", len(references), len(references) + 1, f"fusing label maps ({fusion})")
     fused, fused_info = fuse_registered(results, fusion, top_k, cleanup, select)
     info = {
         "method": method,
@@ -848,6 +847,5 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
         "seconds": time.perf_counter() - start,
         "probabilities": fused_info["probabilities"],
     }
-    if progress is not None:
-        progress(1.0, "done")
+    report(progress, "register", len(references) + 1, len(references) + 1, "done")
     return fused, info

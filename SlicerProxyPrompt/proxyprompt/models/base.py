@@ -12,7 +12,9 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from ..contract import ModelCapabilities, PixelFeatures
 from ..errors import InputError
+from ..options import DEVICES, PRECISIONS
 from ..progress import ProgressCallback, report
 
 log = logging.getLogger("proxyprompt")
@@ -24,7 +26,7 @@ def select_device(requested: str = "auto") -> str:
     import torch
 
     requested = (requested or "auto").lower()
-    if requested not in ("auto", "cpu", "cuda", "mps"):
+    if requested not in DEVICES:
         raise InputError(f"unknown device '{requested}'; use auto, cpu, cuda or mps")
     if requested == "cuda" and not torch.cuda.is_available():
         raise InputError("device cuda was requested but no CUDA GPU is available")
@@ -41,9 +43,6 @@ def select_device(requested: str = "auto") -> str:
     if device == "cpu":
         log.warning("running the model on the CPU: expect seconds per slice (a CUDA GPU is ~100x faster)")
     return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -84,10 +83,12 @@ def autocast(device: str, precision: str):
 
 
 class SliceModel:
-    """Base class of the models. Subclasses implement `_encode` and `propagate`."""
+    """Base class of the models. Subclasses declare `capabilities` and implement `_encode` and `propagate` (and
+    `pixel_features` / `slice_embeddings` / `embed_slices` where their capabilities say so)."""
 
     name = ""
     family = ""
+    capabilities = ModelCapabilities()
     is_random = False  # real architecture with random weights: outputs are not accuracy
     device = "cpu"
     precision = "fp32"
@@ -117,6 +118,16 @@ class SliceModel:
     def slice_embeddings(self, frames, progress=None, cancel=None) -> np.ndarray:
         """[N, D] pooled, L2-normalised image embeddings of the frames (for slice similarity)."""
         raise NotImplementedError
+
+    def embed_slices(self, images_khw: np.ndarray, cancel=None) -> np.ndarray:
+        """[K, D] pooled, L2-normalised embeddings of arbitrary slices [K, H, W] in [0, 1] (capability
+        `slice_embeddings`)."""
+        raise InputError(f"model '{self.name}' does not embed arbitrary slices")
+
+    def pixel_features(self, frames, progress=None, cancel=None) -> PixelFeatures:
+        """Per-pixel image features [N, C, h, w] of the frames with their grid (capability `pixel_features`), from
+        the same feature cache as propagation (encoded once per target)."""
+        raise InputError(f"model '{self.name}' offers no per-pixel features")
 
     def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
         """Execute a PromptPlan: label -> [N, H, W] float32 foreground probability on the frames."""
