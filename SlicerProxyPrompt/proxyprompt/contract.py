@@ -191,7 +191,7 @@ def check_plan(plan: PromptPlan, capabilities: ModelCapabilities, model_name: st
             plan.notes.append(f"plan field '{name}' dropped: model '{model_name}' does not execute it")
             continue
         raise InputError(
-            f"generator '{generator_name}' gives plan field '{name}', which model '{model_name}' cannot execute "
+            f"plan field '{name}' of generator '{generator_name}' cannot be executed by model '{model_name}' "
             f"(it executes: {', '.join(executes) or 'nothing'})"
         )
     return plan
