@@ -278,8 +278,20 @@ def test_sparse_reference_end_to_end(acdc):
     target = crop_slices(target, 4, 2)
     engine = Engine(model="random", image_size=512, device="cpu")
     result = engine.segment([reference], target, generator="support-memory", labels=[2, 3],
-                            options={"attention_top_k": 2})
+                            options={"attention_top_k": 2}, return_probabilities=True)
     assert result.label.same_grid(target)
     assert set(np.unique(result.label.array)) <= {0, 2, 3}
     assert result.info["random_weights"] is True
-    assert any("3 reference slice(s)" in note for note in result.info["notes"])
+    assert any("3 reference slice(s)" in note and "top-2" in note for note in result.info["notes"])
+    # the model ran on the target: random weights still give a non-constant probability map per structure
+    for value in (2, 3):
+        probability = result.probabilities[value].array
+        assert probability.shape == target.array.shape and probability.max() > 0.0 and probability.std() > 0.0
+
+    # four references: the fusion top-k default (3 of > 3 references, registration) does not reach support-memory,
+    # which still attends its own default top-4 (they were one `top_k` key: it attended the top-3)
+    others = [ReferenceCase(crop_slices(read_image(DATA / f"patient0{n}_ED_image.nii.gz"), 3, 5),
+                            crop_slices(read_label(DATA / f"patient0{n}_ED_label.nii.gz")[0], 3, 5), reference.table)
+              for n in ("08", "11", "19")]
+    four = engine.segment([reference] + others, target, generator="support-memory", labels=[2, 3])
+    assert any("top-4 per target slice" in note for note in four.info["notes"]), four.info["notes"]
