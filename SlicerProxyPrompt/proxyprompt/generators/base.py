@@ -60,6 +60,11 @@ class Generator:
     def plan(self, context: GeneratorContext) -> PromptPlan:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def train(self, references: List[ReferenceCase], model, options, progress=None, cancel=None):
+        """Trainable generators (`needs_training = True`): fit their own weights on the references with the
+        model's features and return `checkpoints.TrainedWeights`; `checkpoints.train_generator` writes the file."""
+        raise InputError(f"generator '{self.name}' has no trained weights")
+
     def refine(self, plan: PromptPlan, probabilities: Dict[int, np.ndarray],
                context: GeneratorContext) -> Optional[PromptPlan]:
         """After the model ran `plan` (probabilities: label -> [N, H, W] float32): a new plan for another round, or
