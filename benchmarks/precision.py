@@ -23,7 +23,7 @@ DATA = ROOT.parent / "shared" / "data" / "acdc"
 sys.path.insert(0, str(ROOT / "SlicerProxyPrompt"))
 
 from proxyprompt.frames import make_slice_stack  # noqa: E402
-from proxyprompt.models.base import load_model  # noqa: E402
+from proxyprompt.models.loader import load_model  # noqa: E402
 from proxyprompt.volume import read_image, read_label  # noqa: E402
 
 

@@ -127,7 +127,7 @@ class Engine:
                  options: Optional[EngineOptions] = None) -> None:
         """`options` (EngineOptions) replaces device / image_size / precision when given; its fusion and
         refinement fields are the defaults of every run."""
-        from .models.base import load_model
+        from .models.loader import load_model
         from .models.registry import get_model_spec
 
         if options is None:

@@ -89,7 +89,7 @@ def default_generator_for(model: str) -> str:
 
 def resolve_model_choice(model: Optional[str], generator: Optional[str]) -> Tuple[str, str]:
     """'auto' -> the best model available here, and the generator measured best with it."""
-    from .models.base import best_available_model
+    from .models.loader import best_available_model
 
     if model in (None, "", "auto"):
         model, reason = best_available_model()

@@ -330,7 +330,7 @@ class Sam2Model(SliceModel):
                 raise InputError("model 'random' uses no checkpoint; drop --checkpoint or pick a SAM 2 model")
             checkpoint_path = None
         else:
-            from .registry import resolve_checkpoint
+            from .download import resolve_checkpoint
 
             checkpoint_path = Path(resolve_checkpoint(spec, checkpoint))
         self.checkpoint = checkpoint_path

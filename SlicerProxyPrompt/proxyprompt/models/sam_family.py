@@ -230,8 +230,9 @@ class SamFamilyModel(SliceModel):
         digest is verified here too (a corrupted or foreign copy is rejected) unless `verify` is False
         (a fine-tuned file)."""
         from . import registry
+        from .download import resolve_checkpoint
 
-        path = registry.resolve_checkpoint(spec, checkpoint)
+        path = resolve_checkpoint(spec, checkpoint)
         if checkpoint is not None and verify and getattr(spec, "sha256", None):
             registry.verify_file(path, spec)
         return path
