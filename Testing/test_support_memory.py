@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from proxyprompt import metrics
 from proxyprompt.generators.base import GeneratorContext, ReferenceCase, get_generator
 from proxyprompt.frames import make_slice_stack
 from proxyprompt.generators.support_memory import resample_to_grid
@@ -211,7 +212,7 @@ def test_sam_family_alignment_follows_a_shifted_rotated_target():
     start = seed_frame(plan)
     for value in (1, 2, 3):
         mask, truth = plan.objects[value].masks[start], t_labels[start] == value
-        dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+        dice = metrics.dice(mask, truth)
         assert dice > 0.7, (value, dice)
 
 
@@ -256,7 +257,7 @@ def test_sam_family_falls_back_to_registration_when_no_slice_aligns(caplog):
     for value, prompt in fallback.objects.items():
         assert prompt.prior is not None and prompt.prior.shape == (frames.num_slices, frames.height, frames.width)
         truth = t_labels == value
-        dice = 2 * ((prompt.prior > 0.5) & truth).sum() / ((prompt.prior > 0.5).sum() + truth.sum())
+        dice = metrics.dice(prompt.prior > 0.5, truth)
         assert dice > 0.5, (value, dice)  # the registration prior found the moved structures
 
 

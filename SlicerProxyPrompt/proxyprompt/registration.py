@@ -56,6 +56,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .metrics import dice
 from .progress import ProgressCallback, check_cancel, report
 from .filters import gaussian_mm, largest_component, signed_distance_mm
 from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
@@ -775,9 +776,7 @@ def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
     values = sorted(set(np.unique(a)) | set(np.unique(b)) - {0})
     scores = []
     for value in values:
-        x, y = a == value, b == value
-        total = int(x.sum()) + int(y.sum())
-        scores.append(2.0 * int((x & y).sum()) / total if total else 1.0)
+        scores.append(dice(a == value, b == value))
     return float(np.mean(scores)) if scores else 1.0
 
 

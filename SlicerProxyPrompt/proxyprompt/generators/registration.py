@@ -76,7 +76,9 @@ class RegistrationGenerator(Generator):
             method=method,
             fusion=context.engine_options.fusion,
             top_k=context.engine_options.fusion_top_k,
-            cleanup=True,
+            # a model's prior is cleaned here (its boxes and slice ranges come from it); without a model the
+            # registered labels are the result, cleaned once by the engine (or kept whole with cleanup=False)
+            cleanup=context.model is not None,
             cancel=context.cancel,
             progress=context.progress,
         )
