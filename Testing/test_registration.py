@@ -242,6 +242,10 @@ def test_staple_agrees_with_a_clear_majority():
     assert fused.same_grid(grid)
     assert list(fused.array[0, 0, :3]) == [1, 2, 2]
     assert not fused.array[1].any()
+    # voxel 3 is a three-way tie STAPLE leaves undecided: the wrapper gives it the first map's label, never the
+    # "undecided" value (here 4, a label no map has)
+    assert fused.array[0, 0, 3] == 3
+    assert fuse_labels(maps[::-1], "staple").array[0, 0, 3] == 1
 
 
 def test_mean_fusion_sums_probabilities():
