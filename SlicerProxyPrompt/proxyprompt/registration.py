@@ -59,6 +59,7 @@ from .errors import InputError
 from .metrics import dice
 from .progress import ProgressCallback, check_cancel, report
 from .filters import gaussian_mm, largest_component, signed_distance_mm
+from .frames import slice_axis_of_spacing, window_intensities
 from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
 from .volume import Volume
 
@@ -139,19 +140,13 @@ def _label_values(label: Volume) -> List[int]:
 
 
 def _normalised(volume: Volume, percentiles=(0.5, 99.5)) -> sitk.Image:
-    """Float32 copy scaled so that the robust intensity range maps to [0, 1] (clipped)."""
-    array = np.asarray(volume.array, dtype=np.float32)
-    low, high = np.percentile(array, percentiles)
-    if high <= low:
-        high = low + 1.0
-    scaled = np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    return volume.with_array(scaled).to_sitk()
+    """Float32 copy scaled so that the robust intensity range maps to [0, 1] (clipped): the frames' windowing rule."""
+    return volume.with_array(window_intensities(volume.array, percentiles)).to_sitk()
 
 
 def _slice_axis(image: sitk.Image) -> int:
-    """Index axis (0=i, 1=j, 2=k) with the largest spacing; ties -> the last (k)."""
-    spacing = np.asarray(image.GetSpacing())
-    return int(np.flatnonzero(spacing >= spacing.max() * 0.999)[-1])
+    """Index axis (0=i, 1=j, 2=k) with the largest spacing; ties -> the last (k) (`frames.slice_axis_of_spacing`)."""
+    return slice_axis_of_spacing(image.GetSpacing())
 
 
 def _direction(image: sitk.Image) -> np.ndarray:
