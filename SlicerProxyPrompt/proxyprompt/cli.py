@@ -1,4 +1,4 @@
-"""`proxyprompt` command line: segment, evaluate, models, download, demo.
+"""`proxyprompt` command line: segment, evaluate, models, download, serve, demo.
 
 Exit codes: 0 success; 2 bad input (one-line reason on stderr, no output file); 1 unexpected failure;
 130 cancelled (Ctrl+C). With --json one JSON object goes to stdout and logs go to stderr.
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl = commands.add_parser("download", help="fetch a model into the cache, verified")
     dl.add_argument("name")
 
+    commands.add_parser("serve", help="engine worker: JSON-lines requests on stdin, events on stdout (Slicer module)")
+
     demo = commands.add_parser("demo", help="the main job on sample data (ACDC)")
     demo.add_argument("--data", help="data folder holding acdc/ (default: ../shared/data beside the repository)")
     demo.add_argument("--output-dir", default="out/demo")
@@ -180,6 +182,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "download":
             result = run_download(args)
             print(result["path"] or f"{args.name}: nothing to download")
+        elif args.command == "serve":
+            from .serve import serve
+
+            return serve()
         elif args.command == "demo":
             from .demo import run_demo
 
