@@ -9,24 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, crop_slices
+from conftest import REPO
 
 ENGINE_ROOT = REPO / "SlicerProxyPrompt"
 
 
 @pytest.fixture(scope="module")
-def small_pair(acdc, tmp_path_factory):
-    """ACDC patient001 ED (reference) and patient002 ED (target), 4 slices each: enough for the pipeline, quick."""
-    from proxyprompt.volume import read_image, read_label, write_image
-
-    folder = tmp_path_factory.mktemp("pair")
-    reference = read_image(acdc / "patient001_ED_image.nii.gz")
-    label, _ = read_label(acdc / "patient001_ED_label.nii.gz")
-    target = read_image(acdc / "patient002_ED_image.nii.gz")
-    write_image(crop_slices(reference, 3, 4), folder / "reference.nrrd")
-    write_image(crop_slices(label, 3, 4), folder / "reference_label.nrrd")
-    write_image(crop_slices(target, 3, 4), folder / "target.nrrd")
-    return folder
+def small_pair(acdc_small_pair):
+    return acdc_small_pair
 
 
 class WorkerProcess:
