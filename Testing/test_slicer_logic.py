@@ -6,6 +6,7 @@ import json
 import py_compile
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -206,19 +207,19 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(logic, scene, acdc_small_pair
     reference, reference_segmentation, target_volume = load_case(acdc_small_pair, "target_oblique")
     lv = reference_segmentation.GetSegmentation().GetSegmentIdBySegmentName("left ventricle")
     before = scene_state(scene)
+    folders_before = set(Path(tempfile.gettempdir()).glob("ProxyPrompt-*"))
     seen = []
 
-    def cancel_at_encoding(event):
+    def cancel_once_running(event):
         seen.append(event.phase)
-        if event.phase == "encode":
-            logic.cancel()
+        logic.cancel()  # at the first progress event: the worker has started the job (a second call is a no-op)
 
     with pytest.raises(ProxyPromptCancelled, match="cancelled"):
-        # image size 256: a target the worker has not encoded at this size, so the run reaches the encoder
         logic.process(reference, reference_segmentation, target_volume, segmentIds=[lv], model="random",
-                      options={"image_size": 256}, progressCallback=cancel_at_encoding)
-    assert "encode" in seen
+                      options={"image_size": 512}, progressCallback=cancel_once_running)
+    assert seen and "write" not in seen
     assert scene_state(scene) == before
+    assert set(Path(tempfile.gettempdir()).glob("ProxyPrompt-*")) == folders_before  # temporary files removed
     assert not logic.isRunning()
 
 
