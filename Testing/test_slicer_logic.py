@@ -273,6 +273,42 @@ def test_a_crashed_worker_gives_a_clear_error_and_is_restarted(scene, acdc_small
         crashing.shutdown()
 
 
+def test_a_worker_that_does_not_stop_is_killed_after_the_grace_time(scene, acdc_small_pair, monkeypatch):
+    import ProxyPromptLib.logic as logic_module
+
+    monkeypatch.setattr(logic_module, "CANCEL_GRACE_SECONDS", 0.0)
+    stubborn = ProxyPromptLogic()
+    try:
+        reference, reference_segmentation, target_volume = load_case(acdc_small_pair)
+        before = scene_state(scene)
+
+        def cancel_without_telling_the_worker(event):
+            stubborn._job.cancelRequestedAt = 0.0  # as if the cancel request had been ignored for a long time
+
+        with pytest.raises(ProxyPromptCancelled):
+            stubborn.process(reference, reference_segmentation, target_volume, model="none",
+                             progressCallback=cancel_without_telling_the_worker)
+        assert stubborn.worker is None  # killed; the next run starts a new one
+        assert scene_state(scene) == before
+    finally:
+        stubborn.shutdown()
+
+
+def test_an_exception_in_the_progress_callback_stops_the_run_and_frees_the_logic(logic, scene, acdc_small_pair):
+    reference, reference_segmentation, target_volume = load_case(acdc_small_pair)
+    before = scene_state(scene)
+
+    def fail(event):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        logic.process(reference, reference_segmentation, target_volume, model="none", progressCallback=fail)
+    assert not logic.isRunning()
+    assert scene_state(scene) == before
+    output = logic.process(reference, reference_segmentation, target_volume, model="none")
+    assert output.GetSegmentation().GetNumberOfSegments() == 3
+
+
 def test_module_files_byte_compile_and_use_only_known_slicer_apis():
     files = sorted(MODULE.glob("*.py")) + sorted((MODULE / "ProxyPromptLib").glob("*.py"))
     assert MODULE / "ProxyPromptLib" / "logic.py" in files

@@ -209,8 +209,16 @@ class ProxyPromptLogic:
         self._job = job
         if not waitForCompletion:
             return None
-        while not self.poll(timeout=0.2):
-            pass
+        try:
+            while not self.poll(timeout=0.2):
+                pass
+        except BaseException:  # e.g. Ctrl+C in the console, or a progress callback that raised: stop the run
+            job.progressCallback = None
+            self.cancel()
+            while not self.poll(timeout=0.2):
+                pass
+            self._job = None
+            raise
         return self.takeResult()
 
     def isRunning(self):
@@ -234,6 +242,7 @@ class ProxyPromptLogic:
             return True
         if job.done:
             return True
+        callbackError = None  # raised after the whole batch is handled, so no event (a result) is lost
         for event in self.worker.events(timeout=timeout):
             if event is None or job.done:
                 break
@@ -241,7 +250,10 @@ class ProxyPromptLogic:
                 continue
             kind = event.get("type")
             if kind == "progress":
-                self._reportProgress(job, event.get("event") or {})
+                try:
+                    self._reportProgress(job, event.get("event") or {})
+                except BaseException as error:
+                    callbackError = callbackError or error
             elif kind == "result":
                 self._finish(job, summary=event.get("summary") or {})
             elif kind == "cancelled":
@@ -260,6 +272,8 @@ class ProxyPromptLogic:
                 self._finish(job, cancelled=True)
             else:
                 self._finish(job, error=message)
+        if callbackError is not None:
+            raise callbackError
         return job.done
 
     def takeResult(self):
@@ -410,7 +424,10 @@ class ProxyPromptLogic:
             job.done = True
             job.removeFiles()
         if job.summary is not None:
-            self._remember(job)
+            try:
+                self._remember(job)
+            except Exception:  # without it a later re-run finds no corrected slices; the result itself stands
+                self._written.pop(job.result.GetID(), None)
 
     # --- result into the scene ------------------------------------------------------------------------------
     def _importResult(self, job):
