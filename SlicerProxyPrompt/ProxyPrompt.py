@@ -427,6 +427,16 @@ class ProxyPromptLogic(ScriptedLoadableModuleLogic, EngineLogic):
 # Self-test for real Slicer
 #
 class ProxyPromptTest(ScriptedLoadableModuleTest):
+    model = None  # None: SAM 2.1 tiny when its weights are cached, else the real architecture with random weights
+
+    def modelChoice(self):
+        if self.model:
+            return self.model
+        from proxyprompt.models.registry import list_models
+
+        cached = {row["name"] for row in list_models() if row.get("cached")}
+        return "sam2.1_hiera_tiny" if "sam2.1_hiera_tiny" in cached else "random"
+
     def setUp(self):
         slicer.mrmlScene.Clear()
 
@@ -457,10 +467,11 @@ class ProxyPromptTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray((reference > 100).astype(np.uint8), referenceSegmentation,
                                                          segmentId, referenceVolume)
 
-        self.delayDisplay("Segment with the random model")
+        model = self.modelChoice()
+        self.delayDisplay(f"Segment with the model '{model}'")
         logic = ProxyPromptLogic()
         try:
-            output = logic.process(referenceVolume, referenceSegmentation, targetVolume, model="random",
+            output = logic.process(referenceVolume, referenceSegmentation, targetVolume, model=model,
                                    options={"image_size": 512})
             segment = output.GetSegmentation().GetNthSegment(0)
             self.assertEqual(segment.GetName(), "disc")
@@ -470,14 +481,15 @@ class ProxyPromptTest(ScriptedLoadableModuleTest):
             self.assertEqual(labels.shape, target.shape)
 
             self.delayDisplay("Correct two slices and re-run")
-            corrected = labels.copy()
-            corrected[4] = target[4] > 100
-            corrected[7] = target[7] > 100
+            corrected = labels.copy()  # two slices drawn by hand: the left half of the disc, then the right half
+            corrected[4] = (target[4] > 100) & (i[4] < 32)
+            corrected[7] = (target[7] > 100) & (i[7] >= 32)
             slicer.util.updateSegmentBinaryLabelmapFromArray(corrected, output,
                                                              output.GetSegmentation().GetNthSegmentID(0), targetVolume)
             again = logic.process(referenceVolume, referenceSegmentation, targetVolume, outputSegmentation=output,
-                                  model="random", options={"image_size": 512})
+                                  model=model, options={"image_size": 512})
             self.assertIs(again, output)
+            self.assertEqual(logic.lastSummary["corrected_slices"], [4, 7])
             result = slicer.util.arrayFromSegmentBinaryLabelmap(output, output.GetSegmentation().GetNthSegmentID(0),
                                                                 targetVolume)
             for index in (4, 7):

@@ -59,3 +59,46 @@ def test_nothing_is_installed_or_downloaded_at_import_or_in_constructors():
         if isinstance(node, ast.FunctionDef) and node.name in ("__init__", "setup"):
             called = {ast.unparse(call.func) for call in ast.walk(node) if isinstance(call, ast.Call)}
             assert not any("pip" in name or "download_model" in name or "installTorch" in name for name in called)
+
+
+def test_the_self_test_runs_on_the_mrml_core(monkeypatch):
+    """ProxyPromptTest (the self-test real Slicer runs) on slicer-core, with Qt and the ScriptedLoadableModule base
+    classes replaced by minimal stand-ins; model 'none' keeps it quick (in Slicer it uses SAM 2 / random weights)."""
+    import sys
+    import types
+    import unittest
+
+    import pytest
+
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the installed 'slicer' package is not slicer-core")
+    monkeypatch.syspath_prepend(str(REPO.parent / "shared" / "slicer-headless"))
+    monkeypatch.syspath_prepend(str(MODULE))
+    import slicer_env
+
+    slicer_env.setup()
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    base.ScriptedLoadableModule = base.ScriptedLoadableModuleWidget = type("Stand-in", (), {})
+    base.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    base.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    for name, module in {"slicer.ScriptedLoadableModule": base, "slicer.parameterNodeWrapper": wrapper,
+                         "qt": types.ModuleType("qt"), "ctk": types.ModuleType("ctk")}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "ProxyPrompt", raising=False)
+    import ProxyPrompt
+
+    monkeypatch.setattr(ProxyPrompt.ProxyPromptTest, "model", "none")
+    result = unittest.TextTestRunner(verbosity=0).run(ProxyPrompt.ProxyPromptTest("runTest"))
+    assert result.wasSuccessful(), result.failures + result.errors
