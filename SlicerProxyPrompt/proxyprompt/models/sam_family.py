@@ -60,8 +60,6 @@ _SAM_VARIANTS = {
 PREPROCESSING = ("official", "no-minmax", "stretch")
 
 
-
-
 def _fill_holes_2d(mask_hw: np.ndarray) -> np.ndarray:
     """2D hole filling (scipy-free): background not connected to the border becomes foreground."""
     import SimpleITK as sitk
@@ -373,7 +371,7 @@ class SamFamilyModel(SliceModel):
         done = 0
         report(progress, "propagate", 0, total)
 
-        def step_done(step=1):
+        def advance(step=1):
             nonlocal done
             done += step
             report(progress, "propagate", min(done, total), total)
@@ -381,14 +379,14 @@ class SamFamilyModel(SliceModel):
         raw: Dict[int, np.ndarray] = {}
         for kind, value, members in items:
             if kind == "filled" and self.ring_mode != "filled-minus-inner":
-                step_done(n)  # the ring is derived below, no decoding of its own
+                advance(n)  # the ring is derived below, no decoding of its own
                 continue
             prior = self._combined_prior(objects, members)
             member_seeds = self._combined_seeds(seeds, members)
             boxes = {} if len(members) > 1 else {int(f): b for f, b in objects[value].boxes.items()}
             frame_range = self._combined_range(objects, members)
             raw[value] = self._propagate_object(prior, member_seeds, boxes, frame_range, (n, height, width),
-                                                report, cancel)
+                                                advance, cancel)
 
         probabilities: Dict[int, np.ndarray] = {}
         for kind, value, members in items:
@@ -498,26 +496,26 @@ class SamFamilyModel(SliceModel):
             return None
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
-    def _propagate_object(self, prior, seeds, boxes, frame_range, shape, report, cancel) -> np.ndarray:
+    def _propagate_object(self, prior, seeds, boxes, frame_range, shape, advance, cancel) -> np.ndarray:
         n, height, width = shape
         result = np.zeros(shape, dtype=np.float32)
         for frame, mask in seeds.items():
             result[frame] = mask
         if prior is not None:
-            self._from_prior(result, prior, seeds, boxes, frame_range, report, cancel)
+            self._from_prior(result, prior, seeds, boxes, frame_range, advance, cancel)
         else:
-            self._from_neighbours(result, seeds, boxes, frame_range, report, cancel)
+            self._from_neighbours(result, seeds, boxes, frame_range, advance, cancel)
         return result
 
     # prior mode: box per slice from the prior, shifted by the seeds' offset; range = the prior's range
-    def _from_prior(self, result, prior, seeds, boxes, frame_range, report, cancel) -> None:
+    def _from_prior(self, result, prior, seeds, boxes, frame_range, advance, cancel) -> None:
         n = result.shape[0]
         present = np.flatnonzero((prior > 0.5).reshape(n, -1).any(axis=1))
         if frame_range is None and present.size:
             frame_range = (int(present[0]), int(present[-1]))
         seeded = sorted(f for f, m in seeds.items() if m.any())
         if frame_range is None and not seeded:
-            step_done(n)
+            advance(n)
             return
         first, last = frame_range if frame_range is not None else (seeded[0], seeded[-1])
         if seeded:  # a corrected slice holding the structure extends the range
@@ -536,14 +534,14 @@ class SamFamilyModel(SliceModel):
         for frame in range(n):
             check_cancel(cancel)
             if frame in seeds or not first <= frame <= last:
-                step_done()
+                advance()
                 continue
             box = bounding_box(prior[frame] > 0.5, self.prior_margin)
             if box is None and frame in boxes and boxes[frame] is not None:
                 box = np.asarray(boxes[frame], dtype=np.float32)
             if box is None:
                 pending.append(frame)  # no prior here: take the neighbour's prediction afterwards
-                step_done()
+                advance()
                 continue
             if offsets:
                 nearest = min(offsets, key=lambda f: (abs(f - frame), f))
@@ -552,7 +550,7 @@ class SamFamilyModel(SliceModel):
             mask_prior = prior[frame] if self.use_mask_prompt else None
             probability, _ = self.predict_slice(frame, box, mask_prior)
             result[frame] = probability
-            step_done()
+            advance()
         del order
         for frame in pending:  # gaps inside the range: box of the nearest predicted neighbour
             check_cancel(cancel)
@@ -564,7 +562,7 @@ class SamFamilyModel(SliceModel):
                     break
 
     # no prior: from each seed / boxed frame outwards, box of the neighbour's prediction, stopping rule
-    def _from_neighbours(self, result, seeds, boxes, frame_range, report, cancel) -> None:
+    def _from_neighbours(self, result, seeds, boxes, frame_range, advance, cancel) -> None:
         n = result.shape[0]
         first, last = frame_range if frame_range is not None else (0, n - 1)
         known = {f for f, m in seeds.items()}
@@ -582,7 +580,7 @@ class SamFamilyModel(SliceModel):
             nonlocal reported
             if reported < n:
                 reported += 1
-                step_done()
+                advance()
 
         owner_distance = {f: 0 for f in known}
         for start in sorted(starts):
@@ -616,7 +614,7 @@ class SamFamilyModel(SliceModel):
                     frame += step
                     distance += 1
         if reported < n:
-            step_done(n - reported)
+            advance(n - reported)
 
     @staticmethod
     def _clip_box(box, shape_hw):
