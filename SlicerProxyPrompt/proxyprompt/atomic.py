@@ -105,14 +105,14 @@ def check_output_folder(path) -> None:
         raise InputError(f"output folder does not exist: {folder}")
     if not folder.is_dir():
         raise InputError(f"output folder {folder} is a file, not a folder")
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder")
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
     if len(os.fsencode(path.name)) > name_max:
         raise InputError(f"output file name is too long ({len(os.fsencode(path.name))} bytes; at most {name_max})")
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder")
     if not os.access(folder, os.W_OK):
         reason = "is on a read-only file system" if _read_only_mount(folder) else "is not writable"
         raise InputError(f"output folder {folder} {reason}")
@@ -123,6 +123,14 @@ def _read_only_mount(folder: Path) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except (OSError, AttributeError):
         return False
+
+
+def _free_bytes(folder) -> int:
+    try:
+        status = os.statvfs(folder)
+        return status.f_bavail * status.f_frsize
+    except (OSError, AttributeError):
+        return -1
 
 
 def _write_reason(error: OSError) -> str:
@@ -160,7 +168,8 @@ def atomic_write(path, write_function: Callable[[str], None], verify: Optional[C
             try:
                 verify(temporary)
             except InputError as error:
-                raise OutputWriteError(f"writing {path} failed: the written file does not read back ({error}); "
+                full = " (the disk is full)" if _free_bytes(folder) == 0 else ""
+                raise OutputWriteError(f"writing {path} failed{full}: the written file does not read back ({error}); "
                                        "nothing was written") from None
         os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)

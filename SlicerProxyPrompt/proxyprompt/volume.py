@@ -65,6 +65,8 @@ class Volume:
         matrix = np.asarray(self.ijk_to_lps, dtype=float)
         if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]):
             raise ValueError("ijk_to_lps must be a 4x4 affine matrix")
+        if not np.all(np.isfinite(matrix)):
+            raise InputError("the volume's geometry (spacing, origin or direction) holds NaN or Inf")
         if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
             raise InputError("the volume's index-to-physical matrix is singular (zero spacing?)")
         object.__setattr__(self, "array", _read_only(self.array))
@@ -467,7 +469,8 @@ def _verify_written(volume: Volume, seg_nrrd: bool):
                 again = Volume.from_sitk(sitk.ReadImage(temporary))
             except RuntimeError as error:
                 raise InputError(str(error).strip().splitlines()[-1]) from None
-        if again.array.shape != volume.array.shape or not np.array_equal(again.array, volume.array):
+        if again.array.shape != volume.array.shape or not np.array_equal(
+                again.array, volume.array, equal_nan=np.issubdtype(volume.array.dtype, np.floating)):
             raise InputError(f"the voxels read back differ from those written ({again.array.shape} vs "
                              f"{volume.array.shape})")
         if not again.same_grid(volume, tolerance=1e-3):
