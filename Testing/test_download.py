@@ -15,13 +15,12 @@ import pytest
 
 from proxyprompt.errors import Cancelled, DownloadError, InputError
 from proxyprompt.models import registry
-from proxyprompt.models.download import download, download_model, part_path
+from proxyprompt.models.download import download, download_model, part_path, resolve_checkpoint
 from proxyprompt.models.registry import (
     ModelSpec,
     cache_dir,
     get_model_spec,
     list_models,
-    resolve_checkpoint,
     verify_file,
 )
 

@@ -89,3 +89,18 @@ def test_pipeline_validation():
 def test_generators_are_registered():
     names = {generator.name for generator in list_generators()}
     assert "registration" in names
+
+
+def test_without_a_model_the_cleanup_is_the_engines_and_can_be_turned_off():
+    """The registered labels are the result with model 'none': the largest-component cleanup is applied once, by the
+    engine, so cleanup=False keeps an island the reference has (before, the generator had removed it already)."""
+    reference = _case()
+    label = np.array(reference.label.array)
+    label[7, 28:30, 28:30] = 1  # an island of label 1, away from its body
+    reference = ReferenceCase(reference.image, reference.label.with_array(label), reference.table)
+    engine = Engine("none")
+    options = {"registration_method": "copy"}
+    kept = engine.segment([reference], reference.image, options=options, cleanup=False)
+    cleaned = engine.segment([reference], reference.image, options=options)
+    assert np.array_equal(kept.label.array, label)
+    assert cleaned.label.array[7, 28, 28] == 0 and np.array_equal(cleaned.label.array[:7], label[:7])

@@ -111,9 +111,9 @@ def synthetic():
 
 
 def dice(a, b, value):
-    a, b = np.asarray(a) == value, np.asarray(b) == value
-    total = a.sum() + b.sum()
-    return 2.0 * (a & b).sum() / total if total else 1.0
+    from proxyprompt.metrics import dice as metric
+
+    return metric(np.asarray(a) == value, np.asarray(b) == value)
 
 
 def centroid_mm(label: Volume, value) -> np.ndarray:
@@ -242,6 +242,10 @@ def test_staple_agrees_with_a_clear_majority():
     assert fused.same_grid(grid)
     assert list(fused.array[0, 0, :3]) == [1, 2, 2]
     assert not fused.array[1].any()
+    # voxel 3 is a three-way tie STAPLE leaves undecided: the wrapper gives it the first map's label, never the
+    # "undecided" value (here 4, a label no map has)
+    assert fused.array[0, 0, 3] == 3
+    assert fuse_labels(maps[::-1], "staple").array[0, 0, 3] == 1
 
 
 def test_mean_fusion_sums_probabilities():
@@ -263,14 +267,15 @@ def test_segment_by_registration_picks_the_similar_references(synthetic):
     references = [(unrelated, ref_label), (ref_image, ref_label), (ref_image, ref_label)]
     messages = []
     label, info = segment_by_registration(
-        references, tgt_image, method="affine", top_k=2, progress=lambda f, m: messages.append((f, m))
+        references, tgt_image, method="affine", top_k=2, progress=messages.append
     )
     assert_on_grid(label, tgt_image)
     assert sorted(info["chosen"]) == [1, 2]
     assert info["similarity"][0] < min(info["similarity"][1:])
     assert np.mean([dice(label.array, tgt_label.array, v) for v in (1, 2, 3)]) > 0.85
-    fractions = [f for f, _ in messages]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    fractions = [event.fraction for event in messages]
+    assert {event.phase for event in messages} == {"register"}
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and messages[-1].message == "done"
     # ranking by image similarity alone also leaves the unrelated reference out
     _, info = segment_by_registration(references, tgt_image, method="located", top_k=2, select="similarity")
     assert sorted(info["chosen"]) == [1, 2]

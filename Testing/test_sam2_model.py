@@ -274,3 +274,5 @@ def test_bf16_autocast_matches_fp32(engine, five):
         assert np.abs(full - half).mean() < 2e-3
         assert np.corrcoef(full.ravel(), half.ravel())[0, 1] > 0.99
         assert np.array_equal(full[2] > 0.5, half[2] > 0.5)  # the conditioning frame keeps its given mask
+    # bf16 really ran: were the precision ignored, the two would be bit-identical
+    assert any(not np.array_equal(outputs["fp32"][v], outputs["bf16"][v]) for v in (1, 2, 3))

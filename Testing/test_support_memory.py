@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from proxyprompt import metrics
 from proxyprompt.generators.base import GeneratorContext, ReferenceCase, get_generator
 from proxyprompt.frames import make_slice_stack
 from proxyprompt.generators.support_memory import resample_to_grid
@@ -36,10 +37,14 @@ def sparse(reference: ReferenceCase, keep=(3, 5, 7)) -> ReferenceCase:
 
 
 class FakeModel:
-    """Stands in for a model: family + embeddings (random unit vectors, deterministic)."""
+    """Stands in for a model: its capabilities (SAM 2: memory; SAM family: none) + embeddings (random unit vectors,
+    deterministic)."""
 
     def __init__(self, family):
-        self.family = family
+        from proxyprompt.contract import ModelCapabilities
+
+        memory = family in ("sam2", "random")
+        self.capabilities = ModelCapabilities(memory=memory, boxes=True, masks=True, slice_embeddings=memory)
 
     def slice_embeddings(self, frames, progress=None, cancel=None):
         rng = np.random.default_rng(0)
@@ -50,6 +55,15 @@ class FakeModel:
         rng = np.random.default_rng(1)
         vectors = rng.normal(size=(len(images), 8))
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def seed_frame(plan):
+    """The SAM-family plan's best-aligned target slice: the one frame with conditioning masks (no start frame: a
+    model without memory does not execute one)."""
+    assert plan.start_frame is None
+    frames = {frame for prompt in plan.objects.values() for frame in prompt.masks}
+    assert len(frames) == 1, frames
+    return frames.pop()
 
 
 def plan_for(reference, target, family, options=None, progress=None):
@@ -68,7 +82,7 @@ def test_resample_keeps_physical_size():
 
 def test_plan_for_sam2_uses_annotated_reference_slices(acdc):
     reference, target = acdc
-    plan, frames = plan_for(reference, target, "sam2", {"top_k": 3})
+    plan, frames = plan_for(reference, target, "sam2", {"attention_top_k": 3})
     annotated = np.flatnonzero(reference.label.array.reshape(reference.label.array.shape[0], -1).any(axis=1))
     assert plan.support_top_k == 3 and 0 < len(plan.support) <= 12
     assert {s.source_index for s in plan.support} <= set(int(n) for n in annotated)
@@ -90,12 +104,13 @@ def test_plan_for_sam_family_puts_masks_on_the_start_frame(acdc):
     assert plan.support == []
     align = [(done, total) for phase, done, total in events if phase == "align"]  # the seconds-long search
     assert align and align[-1][0] == align[-1][1] and [d for d, _ in align] == sorted(d for d, _ in align)
+    start = seed_frame(plan)
     for prompt in plan.objects.values():
-        assert set(prompt.masks) == {plan.start_frame}
-        assert plan.start_frame in prompt.boxes and 1 <= len(prompt.boxes) <= 3  # conditioning slices
+        assert set(prompt.masks) == {start}
+        assert start in prompt.boxes and 1 <= len(prompt.boxes) <= 3  # conditioning slices
         frames_with_boxes = sorted(prompt.boxes)
         assert all(b - a >= 2 for a, b in zip(frames_with_boxes, frames_with_boxes[1:]))  # spread out
-        assert prompt.masks[plan.start_frame].shape == (frames.height, frames.width)
+        assert prompt.masks[start].shape == (frames.height, frames.width)
 
 
 def _box_iou(a, b):
@@ -121,7 +136,7 @@ def test_sam_family_conditioning_is_aligned_onto_the_target():
     ref_stack = make_slice_stack(ref_image)
     ref_labels = ref_stack.labels(ref_label)
     source = int(plan.notes[-1].split("reference slice ")[1].split()[0])
-    start = plan.start_frame
+    start = seed_frame(plan)
     for value in (1, 3):  # RV and LV
         truth_box = bounding_box(truth[start] == value)
         assert truth_box is not None
@@ -194,10 +209,10 @@ def test_sam_family_alignment_follows_a_shifted_rotated_target():
     frames = make_slice_stack(target)
     context = GeneratorContext([reference], target, frames, [1, 2, 3], FakeModel("litemedsam"), {})
     plan = get_generator("support-memory").plan(context)
-    start = plan.start_frame
+    start = seed_frame(plan)
     for value in (1, 2, 3):
         mask, truth = plan.objects[value].masks[start], t_labels[start] == value
-        dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+        dice = metrics.dice(mask, truth)
         assert dice > 0.7, (value, dice)
 
 
@@ -242,7 +257,7 @@ def test_sam_family_falls_back_to_registration_when_no_slice_aligns(caplog):
     for value, prompt in fallback.objects.items():
         assert prompt.prior is not None and prompt.prior.shape == (frames.num_slices, frames.height, frames.width)
         truth = t_labels == value
-        dice = 2 * ((prompt.prior > 0.5) & truth).sum() / ((prompt.prior > 0.5).sum() + truth.sum())
+        dice = metrics.dice(prompt.prior > 0.5, truth)
         assert dice > 0.5, (value, dice)  # the registration prior found the moved structures
 
 
@@ -264,8 +279,20 @@ def test_sparse_reference_end_to_end(acdc):
     target = crop_slices(target, 4, 2)
     engine = Engine(model="random", image_size=512, device="cpu")
     result = engine.segment([reference], target, generator="support-memory", labels=[2, 3],
-                            options={"top_k": 2})
+                            options={"attention_top_k": 2}, return_probabilities=True)
     assert result.label.same_grid(target)
     assert set(np.unique(result.label.array)) <= {0, 2, 3}
     assert result.info["random_weights"] is True
-    assert any("3 reference slice(s)" in note for note in result.info["notes"])
+    assert any("3 reference slice(s)" in note and "top-2" in note for note in result.info["notes"])
+    # the model ran on the target: random weights still give a non-constant probability map per structure
+    for value in (2, 3):
+        probability = result.probabilities[value].array
+        assert probability.shape == target.array.shape and probability.max() > 0.0 and probability.std() > 0.0
+
+    # four references: the fusion top-k default (3 of > 3 references, registration) does not reach support-memory,
+    # which still attends its own default top-4 (they were one `top_k` key: it attended the top-3)
+    others = [ReferenceCase(crop_slices(read_image(DATA / f"patient0{n}_ED_image.nii.gz"), 3, 5),
+                            crop_slices(read_label(DATA / f"patient0{n}_ED_label.nii.gz")[0], 3, 5), reference.table)
+              for n in ("08", "11", "19")]
+    four = engine.segment([reference] + others, target, generator="support-memory", labels=[2, 3])
+    assert any("top-4 per target slice" in note for note in four.info["notes"]), four.info["notes"]

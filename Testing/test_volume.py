@@ -130,7 +130,7 @@ def test_cropped_seg_nrrd_is_padded_back_onto_the_image_grid(tmp_path):
 
 
 def test_reference_case_loading_rejects_mismatch_and_empty(tmp_path):
-    image = Volume.from_geometry(np.zeros((4, 5, 6), np.int16), (1, 1, 3), (0, 0, 0))
+    image = Volume.from_geometry(np.arange(120, dtype=np.int16).reshape(4, 5, 6), (1, 1, 3), (0, 0, 0))
     write_image(image, tmp_path / "image.nii.gz")
     write_label(Volume.from_geometry(np.ones((4, 5, 7), np.uint8), (1, 1, 3), (0, 0, 0)), {}, tmp_path / "wide.nii.gz")
     write_label(image.with_array(np.zeros((4, 5, 6), np.uint8)), {}, tmp_path / "empty.nii.gz")
@@ -189,3 +189,23 @@ def test_real_acdc_volume_and_its_label_table(acdc):
     label, table = read_label(acdc / "patient001_ED_label.nii.gz")
     assert label.same_grid(image)
     assert {v: info.name for v, info in table.items()} == {1: "right ventricle", 2: "myocardium", 3: "left ventricle"}
+
+
+def test_one_slice_axis_rule_and_one_windowing_rule_for_frames_and_registration():
+    from proxyprompt import registration
+    from proxyprompt.frames import choose_slice_axis, slice_axis_of_spacing, window_intensities
+
+    assert slice_axis_of_spacing((1.0, 1.0, 1.0)) == 2  # ties go to k
+    assert slice_axis_of_spacing((5.0, 1.0, 4.999)) == 2  # within 0.1 %: a tie
+    assert slice_axis_of_spacing((5.0, 1.0, 4.9)) == 0
+    volume = Volume.from_geometry(np.zeros((3, 4, 5), np.float32), (5.0, 1.0, 4.999), (0, 0, 0))
+    assert choose_slice_axis(volume) == 0  # array axis of k
+    assert registration._slice_axis(volume.to_sitk()) == 2  # index axis of k: the same choice
+    # a volume whose robust range is empty (a few outliers on a constant background) windows to 0 in both places
+    array = np.full((4, 10, 10), 7.0, np.float32)
+    array[0, 0, 0] = 1000.0
+    constant = Volume.from_geometry(array, (1.0, 1.0, 1.0), (0, 0, 0))
+    assert not window_intensities(array).any()
+    import SimpleITK as sitk
+
+    assert not sitk.GetArrayFromImage(registration._normalised(constant)).any()

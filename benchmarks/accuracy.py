@@ -35,14 +35,9 @@ STRUCTURES = {1: "RV", 2: "MYO", 3: "LV"}
 
 
 def dice(a, b) -> float:
-    try:
-        from proxyprompt.metrics import dice as metric
+    from proxyprompt.metrics import dice as metric
 
-        return float(metric(a, b))
-    except ImportError:  # pragma: no cover
-        a, b = np.asarray(a, bool), np.asarray(b, bool)
-        total = a.sum() + b.sum()
-        return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+    return float(metric(a, b))
 
 
 def available_models():

@@ -23,7 +23,8 @@ DATA = ROOT.parent / "shared" / "data" / "acdc"
 sys.path.insert(0, str(ROOT / "SlicerProxyPrompt"))
 
 from proxyprompt.frames import make_slice_stack  # noqa: E402
-from proxyprompt.models.base import load_model  # noqa: E402
+from proxyprompt.metrics import dice  # noqa: E402
+from proxyprompt.models.loader import load_model  # noqa: E402
 from proxyprompt.volume import read_image, read_label  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def dices_for(precision: str, cases) -> list:
                 box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], np.float32)
                 probability, _ = model.predict_slice(k, box, frames=frames)
                 predicted = probability > 0.5
-                dices.append(2 * (predicted & mask).sum() / (predicted.sum() + mask.sum()))
+                dices.append(dice(predicted, mask))
     return dices
 
 

@@ -1,7 +1,9 @@
 """`proxyprompt` command line: segment, evaluate, models, download, serve, demo.
 
-Exit codes: 0 success; 2 bad input (one-line reason on stderr, no output file); 1 unexpected failure;
-130 cancelled (Ctrl+C). With --json one JSON object goes to stdout and logs go to stderr.
+Exit codes (docs/reliability.md): 0 success; 2 bad input (one-line reason on stderr, no output file, inputs
+untouched); 1 the environment failed (disk full, I/O error; one line) or an internal error (one line naming the
+file that holds the full trace); 130 cancelled (Ctrl+C). With --json one JSON object goes to stdout and logs go
+to stderr.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from typing import List, Optional
 
 from . import __version__
-from .errors import Cancelled, DownloadError, InputError
+from .errors import Cancelled, CheckpointError, DownloadError, InputError, OutputWriteError
 
 log = logging.getLogger("proxyprompt")
 
@@ -57,24 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", default="auto",
                      help="model name, 'none' (registration only), 'random' (tests) or 'auto' (best available)")
     seg.add_argument("--checkpoint", help="model checkpoint file (overrides the registry)")
-    seg.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    seg.add_argument("--image-size", type=int, help="model input size (SAM 2: 1024 or 512)")
-    seg.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                     help="model arithmetic; auto = bf16 on CUDA and on CPUs with native bf16 (AMX / AVX512-BF16)")
+    add_option_flags(seg)
     seg.add_argument("--labels", type=_int_list, help="label values to segment, e.g. 1,3 (default: all)")
     seg.add_argument("--slice-axis", type=int, choices=[0, 1, 2],
                      help="array axis to slice along (0 = k); default: the axis with the largest spacing")
     seg.add_argument("--corrections", help="labelmap on the target grid with corrected slices")
     seg.add_argument("--corrected-slices", type=_int_list,
                      help="which slices of --corrections were corrected (default: every non-empty slice)")
-    seg.add_argument("--registration-method",
-                     choices=["copy", "centred", "located", "affine", "deformable", "intensity"],
-                     help="registration stages (default: intensity = locate, affine, demons, intensity EM with "
-                          "--model none; deformable = without the EM as a model's prior)")
-    seg.add_argument("--fusion", default="vote", choices=["vote", "staple", "mean"],
-                     help="label fusion of several references (mean: of the soft warped maps)")
-    seg.add_argument("--top-k", type=int,
-                     help="fuse the k references whose warped labels agree best (default: 3 when more than 3 are given)")
     seg.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
     seg.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -104,17 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FLAG_ALIASES = {"fusion_top_k": ("--top-k",)}  # earlier names of generated flags, still accepted
+
+
+def generator_option_classes():
+    from .generators import list_generators
+
+    return [generator.Options for generator in list_generators()]
+
+
+def add_option_flags(parser) -> None:
+    """The engine's and every generator's option flags, built from their options dataclasses (`options.py`)."""
+    from .options import EngineOptions, cli_arguments, merged_cli_arguments
+
+    for flag, kwargs in cli_arguments(EngineOptions):
+        parser.add_argument(flag, *FLAG_ALIASES.get(kwargs["dest"], ()), **kwargs)
+    for flag, kwargs in merged_cli_arguments(generator_option_classes()).items():
+        kwargs = dict(kwargs, help=kwargs["help"] + " (generator option)")
+        parser.add_argument(flag, *FLAG_ALIASES.get(kwargs["dest"], ()), **kwargs)
+
+
 # --- commands -----------------------------------------------------------------------------------
 def request_from_args(args) -> "SegmentRequest":
+    from .options import EngineOptions
     from .service import SegmentRequest
 
+    generator_fields = {name for cls in generator_option_classes() for name in cls.names()}
     return SegmentRequest(
         reference_images=list(args.reference_image), reference_labels=list(args.reference_label),
         target=args.target, output=args.output, label_table=args.label_table, generator=args.generator,
-        model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
-        precision=args.precision, labels=args.labels, slice_axis=args.slice_axis, corrections=args.corrections,
-        corrected_slices=args.corrected_slices, registration_method=args.registration_method, fusion=args.fusion,
-        top_k=args.top_k, cleanup=not args.no_cleanup,
+        model=args.model, checkpoint=args.checkpoint, labels=args.labels, slice_axis=args.slice_axis,
+        corrections=args.corrections, corrected_slices=args.corrected_slices, cleanup=not args.no_cleanup,
+        generator_options={name: getattr(args, name) for name in sorted(generator_fields) if hasattr(args, name)},
+        **{name: getattr(args, name) for name in EngineOptions.names()},
     )
 
 
@@ -135,6 +151,8 @@ def run_evaluate(args) -> dict:
 
     prediction, _ = read_label(args.prediction)
     truth, table = read_label(args.truth, args.label_table)
+    if not truth.array.any():
+        raise InputError(f"truth {args.truth} holds no labels: nothing to evaluate")
     return evaluate(prediction, truth, label_table=table)
 
 
@@ -192,19 +210,73 @@ def main(argv: Optional[List[str]] = None) -> int:
             summary = run_demo(args)
             if args.json:
                 print(json.dumps(summary))
+        sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
         return EXIT_OK
-    except InputError as error:
-        sys.stderr.write(f"proxyprompt: error: {error}\n")
+    except (InputError, CheckpointError) as error:
+        _error_line(f"error: {error}")
         return EXIT_BAD_INPUT
     except DownloadError as error:
-        sys.stderr.write(f"proxyprompt: download failed: {error}\n")
+        _error_line(f"download failed: {error}")
         return EXIT_BAD_INPUT
     except (Cancelled, KeyboardInterrupt):
-        sys.stderr.write("proxyprompt: cancelled; nothing was written\n")
+        _error_line("cancelled; nothing was written")
         return EXIT_CANCELLED
     except MemoryError:
-        sys.stderr.write("proxyprompt: error: out of memory; crop the target or use --image-size 512\n")
+        _error_line("error: out of memory; crop the target or use --image-size 512")
         return EXIT_FAILURE
+    except BrokenPipeError:
+        _silence_stdout()  # the reader closed the pipe (`proxyprompt models | head -1`): nothing left to say
+        return EXIT_FAILURE
+    except OutputWriteError as error:
+        _error_line(f"error: {error}")
+        return EXIT_FAILURE
+    except OSError as error:  # the environment: permissions, full disk, I/O errors outside the output write
+        where = f" ({error.filename})" if error.filename else ""
+        _error_line(f"error: {error.strerror or error}{where}")
+        return EXIT_FAILURE
+    except Exception as error:  # a bug: one line for the user, the trace in a file for the report
+        _error_line(f"internal error ({type(error).__name__}: {_first_line(error)}); full trace in "
+                    f"{_write_trace()}")
+        return EXIT_FAILURE
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else "no message"
+
+
+def _error_line(text: str) -> None:
+    """One line on stderr, whatever the locale's encoding."""
+    line = "proxyprompt: " + " ".join(text.split("\n"))
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (UnicodeEncodeError, ValueError, OSError):
+        try:
+            sys.stderr.write(line.encode("ascii", "backslashreplace").decode("ascii") + "\n")
+        except (ValueError, OSError):
+            pass
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # in-process callers (tests) have no real stdout
+
+
+def _write_trace() -> str:
+    """Write the current exception's trace to a log file; its path (or 'stderr' when no file could be made)."""
+    text = traceback.format_exc()
+    try:
+        descriptor, path = tempfile.mkstemp(prefix="proxyprompt-error-", suffix=".log")
+        with os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(f"proxyprompt {__version__}, argv {sys.argv!r}\n{text}")
+        return path
+    except OSError:
+        sys.stderr.write(text)
+        return "stderr (above)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,9 +5,14 @@
     result.label            # Volume on the target's exact grid
     engine.segment(..., corrections=Corrections(...))   # re-run: cached image features are reused
 
-Flow (data moves one way): frames -> generator -> PromptPlan -> model.propagate -> probabilities ->
+Flow (data moves one way): frames -> generator -> PromptPlan -> checked against the model's capabilities ->
+model.propagate -> probabilities (-> generator.refine -> another plan, up to `EngineOptions.refinement_rounds`) ->
 label map (threshold, overlap by highest probability, per-structure cleanup) -> corrected slices copied
 in unchanged -> back to the target grid.
+
+Options: `options` are the generator's (its `Options` dataclass, or a dict of its fields: unknown names are an
+error); `engine_options` (`EngineOptions`) hold the fusion of several references and the refinement limit (the
+model's device / precision / image size are fixed when the Engine is built).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .contract import Corrections, PromptPlan, ReferenceCase, check_plan
 from .errors import InputError
+from .options import EngineOptions, default_fusion_top_k
 from .progress import ProgressCallback, check_cancel
 from .frames import SliceStack, make_slice_stack
-from .generators.base import Corrections, GeneratorContext, ReferenceCase, get_generator
+from .generators.base import GeneratorContext, get_generator
 from .volume import LabelTable, Volume
 
 log = logging.getLogger("proxyprompt")
@@ -116,13 +123,19 @@ class Engine:
     """Holds one model (and its cached image features) across runs, as the Slicer module's process does."""
 
     def __init__(self, model: str = "none", checkpoint: Optional[str] = None, device: str = "auto",
-                 image_size: Optional[int] = None, precision: str = "auto") -> None:
-        from .models.base import load_model
+                 image_size: Optional[int] = None, precision: str = "auto",
+                 options: Optional[EngineOptions] = None) -> None:
+        """`options` (EngineOptions) replaces device / image_size / precision when given; its fusion and
+        refinement fields are the defaults of every run."""
+        from .models.loader import load_model
         from .models.registry import get_model_spec
 
+        if options is None:
+            options = EngineOptions(device=device, image_size=image_size, precision=precision)
+        self.options = EngineOptions.parse(options, "the engine")
         self.model_spec = get_model_spec(model)
-        self.model = load_model(model, checkpoint=checkpoint, device=device, image_size=image_size,
-                                precision=precision)
+        self.model = load_model(model, checkpoint=checkpoint, device=self.options.device,
+                                image_size=self.options.image_size, precision=self.options.precision)
         self.device = self.model.device if self.model is not None else "cpu"
         self._frames_cache: Dict[tuple, SliceStack] = {}
 
@@ -151,9 +164,10 @@ class Engine:
         corrected_slices: Optional[Sequence[int]] = None,
         cleanup: bool = True,
         return_probabilities: bool = False,
-        options: Optional[dict] = None,
+        options=None,
         progress: Optional[ProgressCallback] = None,
         cancel=None,
+        engine_options: Optional[EngineOptions] = None,
     ) -> SegmentationResult:
         started = time.perf_counter()
         timings: Dict[str, float] = {}
@@ -165,6 +179,10 @@ class Engine:
         label_values = choose_labels(references, labels)
         generator_name = generator or self.default_generator()
         plugin = get_generator(generator_name)
+        generator_options = plugin.Options.parse(options, f"generator '{plugin.name}'")
+        run_options = self._run_options(engine_options, len(references))
+        if plugin.needs_model and self.model is None:
+            raise InputError(f"generator '{plugin.name}' gives no mask prior, so it needs a model (not 'none')")
 
         tick = time.perf_counter()
         frames = self._frames(target_image, slice_axis)
@@ -180,30 +198,44 @@ class Engine:
         tick = time.perf_counter()
         context = GeneratorContext(
             references=list(references), target_image=target_image, target_frames=frames, labels=label_values,
-            model=self.model, options=dict(options or {}), progress=progress, cancel=cancel,
+            model=self.model, options=generator_options, progress=progress, cancel=cancel,
+            engine_options=run_options,
         )
         plan = plugin.plan(context)
         timings["prompts"] = time.perf_counter() - tick
         check_cancel(cancel)
 
         tick = time.perf_counter()
-        if self.model is None:
-            missing = [v for v in label_values if plan.objects.get(v) is None or plan.objects[v].prior is None]
-            if missing:
-                raise InputError(f"generator '{generator_name}' gives no mask prior, so it needs a model (not 'none')")
-            probabilities = {v: plan.objects[v].prior for v in label_values}
-        else:
-            probabilities = self.model.propagate(frames, plan, correction_plan, progress=progress, cancel=cancel)
+        plan, probabilities = self._execute(plan, plugin.name, label_values, frames, correction_plan, progress,
+                                            cancel)
         timings["propagate"] = time.perf_counter() - tick
         check_cancel(cancel)
+
+        # refinement rounds: the generator reads the output and may give a new plan (features stay cached)
+        rounds = 0
+        notes = list(plan.notes)
+        refine_started = time.perf_counter()
+        while rounds < run_options.refinement_rounds:
+            context.refinement_round = rounds + 1
+            refined = plugin.refine(plan, probabilities, context)
+            if refined is None:
+                break
+            check_cancel(cancel)
+            plan, probabilities = self._execute(refined, plugin.name, label_values, frames, correction_plan,
+                                                progress, cancel)
+            notes += [note for note in plan.notes if note not in notes]
+            rounds += 1
+        if rounds:
+            timings["refine"] = time.perf_counter() - refine_started
 
         tick = time.perf_counter()
         label_stack = compose_labels(probabilities)
         if cleanup:
             label_stack = keep_largest_components(label_stack, label_values)
         if correction_plan is not None:
-            for frame in correction_plan.frames:
-                label_stack[frame] = correction_plan.labels[frame]
+            for frame in correction_plan.frames:  # copied unchanged, less the labels not asked for (--labels)
+                corrected = correction_plan.labels[frame]
+                label_stack[frame] = np.where(np.isin(corrected, label_values), corrected, 0)
         label_volume = frames.to_volume(label_stack)
         probability_volumes = None
         if return_probabilities:
@@ -226,11 +258,36 @@ class Engine:
             "slice_axis": frames.axis,
             "labels": label_values,
             "corrected_slices": correction_plan.frames if correction_plan else [],
-            "notes": list(plan.notes),
+            "notes": notes,
+            "refinement_rounds": rounds,
+            "options": generator_options.to_dict(),
         }
         if self.model is not None:
             info["encoder_calls"] = self.model.encoder_calls
         return SegmentationResult(label_volume, table, probability_volumes, timings, info)
+
+    def _run_options(self, engine_options: Optional[EngineOptions], references: int) -> EngineOptions:
+        """This run's engine options: the model's fields must be the Engine's; fusion top-k gets its default."""
+        from dataclasses import replace
+
+        options = self.options if engine_options is None else EngineOptions.parse(engine_options, "the engine")
+        for name in EngineOptions.MODEL_FIELDS:
+            if getattr(options, name) != getattr(self.options, name):
+                raise InputError(f"engine option {name} is {getattr(self.options, name)!r} for this engine (set when "
+                                 f"it was built), not {getattr(options, name)!r}: build another Engine")
+        return replace(options, fusion_top_k=default_fusion_top_k(options.fusion_top_k, references))
+
+    def _execute(self, plan: PromptPlan, generator_name: str, label_values, frames: SliceStack,
+                 correction_plan: Optional[Corrections], progress, cancel):
+        """(plan as executed, label -> [N, H, W] probabilities): the model runs the plan once it is checked against
+        its capabilities; without a model the plan's priors are the result."""
+        if self.model is None:
+            missing = [v for v in label_values if plan.objects.get(v) is None or plan.objects[v].prior is None]
+            if missing:
+                raise InputError(f"generator '{generator_name}' gives no mask prior, so it needs a model (not 'none')")
+            return plan, {v: plan.objects[v].prior for v in label_values}
+        plan = check_plan(plan, self.model.capabilities, self.model_name, generator_name)
+        return plan, self.model.propagate(frames, plan, correction_plan, progress=progress, cancel=cancel)
 
     @staticmethod
     def _corrections(corrections: Optional[Volume], corrected_slices, frames: SliceStack) -> Optional[Corrections]:
@@ -252,7 +309,8 @@ class Engine:
 
 
 def segment(references: Sequence[ReferenceCase], target_image: Volume, model: str = "none",
-            checkpoint: Optional[str] = None, device: str = "auto", image_size: Optional[int] = None,
+            checkpoint: Optional[str] = None, engine_options: Optional[EngineOptions] = None,
             **kwargs) -> SegmentationResult:
     """One-off run (builds an Engine). Keep an `Engine` to reuse the model and features across runs."""
-    return Engine(model, checkpoint, device, image_size).segment(references, target_image, **kwargs)
+    engine = Engine(model, checkpoint, options=engine_options)
+    return engine.segment(references, target_image, engine_options=engine_options, **kwargs)

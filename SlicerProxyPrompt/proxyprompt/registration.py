@@ -50,14 +50,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .progress import check_cancel
+from .metrics import dice
+from .progress import ProgressCallback, check_cancel, report
 from .filters import gaussian_mm, largest_component, signed_distance_mm
+from .frames import slice_axis_of_spacing, window_intensities
 from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
 from .volume import Volume
 
@@ -138,19 +140,13 @@ def _label_values(label: Volume) -> List[int]:
 
 
 def _normalised(volume: Volume, percentiles=(0.5, 99.5)) -> sitk.Image:
-    """Float32 copy scaled so that the robust intensity range maps to [0, 1] (clipped)."""
-    array = np.asarray(volume.array, dtype=np.float32)
-    low, high = np.percentile(array, percentiles)
-    if high <= low:
-        high = low + 1.0
-    scaled = np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    return volume.with_array(scaled).to_sitk()
+    """Float32 copy scaled so that the robust intensity range maps to [0, 1] (clipped): the frames' windowing rule."""
+    return volume.with_array(window_intensities(volume.array, percentiles)).to_sitk()
 
 
 def _slice_axis(image: sitk.Image) -> int:
-    """Index axis (0=i, 1=j, 2=k) with the largest spacing; ties -> the last (k)."""
-    spacing = np.asarray(image.GetSpacing())
-    return int(np.flatnonzero(spacing >= spacing.max() * 0.999)[-1])
+    """Index axis (0=i, 1=j, 2=k) with the largest spacing; ties -> the last (k) (`frames.slice_axis_of_spacing`)."""
+    return slice_axis_of_spacing(image.GetSpacing())
 
 
 def _direction(image: sitk.Image) -> np.ndarray:
@@ -775,9 +771,7 @@ def _mean_dice(a: np.ndarray, b: np.ndarray) -> float:
     values = sorted(set(np.unique(a)) | set(np.unique(b)) - {0})
     scores = []
     for value in values:
-        x, y = a == value, b == value
-        total = int(x.sum()) + int(y.sum())
-        scores.append(2.0 * int((x & y).sum()) / total if total else 1.0)
+        scores.append(dice(a == value, b == value))
     return float(np.mean(scores)) if scores else 1.0
 
 
@@ -814,7 +808,7 @@ def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top
 def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_image: Volume,
                             method: str = "intensity", fusion: str = "vote", top_k: Optional[int] = None,
                             cleanup: bool = True, cancel=None,
-                            progress: Optional[Callable[[float, str], None]] = None,
+                            progress: Optional[ProgressCallback] = None,
                             settings: RegistrationSettings = DEFAULT_SETTINGS,
                             select: str = "agreement") -> Tuple[Volume, dict]:
     """Register every reference (image, label) to the target and fuse the `top_k` best.
@@ -831,12 +825,11 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
     results: List[RegisteredCase] = []
     for index, (image, label) in enumerate(references):
         check_cancel(cancel)
-        if progress is not None:
-            progress(index / (len(references) + 1), f"registering reference {index + 1} of {len(references)}")
+        report(progress, "register", index, len(references) + 1,
+               f"registering reference {index + 1} of {len(references)}")
         results.append(register_case(image, label, target_image, method, cancel, settings))
     check_cancel(cancel)
-    if progress is not None:
-        progress(len(references) / (len(references) + 1), f"fusing label maps ({fusion})")
+    report(progress, "register", len(references), len(references) + 1, f"fusing label maps ({fusion})")
     fused, fused_info = fuse_registered(results, fusion, top_k, cleanup, select)
     info = {
         "method": method,
@@ -848,6 +841,5 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
         "seconds": time.perf_counter() - start,
         "probabilities": fused_info["probabilities"],
     }
-    if progress is not None:
-        progress(1.0, "done")
+    report(progress, "register", len(references) + 1, len(references) + 1, "done")
     return fused, info

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .errors import InputError
+from .options import EngineOptions, default_fusion_top_k  # noqa: F401  (the fusion top-k policy, re-exported)
 from .progress import ProgressCallback, check_cancel, report
 
 log = logging.getLogger("proxyprompt")
@@ -25,7 +26,10 @@ log = logging.getLogger("proxyprompt")
 
 @dataclass
 class SegmentRequest:
-    """One segmentation job, by file paths (what the CLI parses and what the Slicer module's worker receives)."""
+    """One segmentation job, by file paths (what the CLI parses and what the Slicer module's worker receives).
+
+    The engine's options are fields of their own (`ENGINE_FIELDS`, the fields of `EngineOptions`); the generator's
+    options go in `generator_options` (names of the generator's `Options` dataclass; unknown names are an error)."""
 
     reference_images: List[str]
     reference_labels: List[str]
@@ -35,17 +39,24 @@ class SegmentRequest:
     generator: Optional[str] = None  # None / "auto": the engine's default for the model
     model: str = "auto"
     checkpoint: Optional[str] = None
-    device: str = "auto"
-    image_size: Optional[int] = None
-    precision: str = "auto"
     labels: Optional[List[int]] = None
     slice_axis: Optional[int] = None
     corrections: Optional[str] = None
     corrected_slices: Optional[List[int]] = None
-    registration_method: Optional[str] = None
-    fusion: str = "vote"
-    top_k: Optional[int] = None
     cleanup: bool = True
+    generator_options: Dict[str, object] = field(default_factory=dict)
+    # EngineOptions' fields (their defaults are EngineOptions' own)
+    device: str = EngineOptions.device
+    image_size: Optional[int] = EngineOptions.image_size
+    precision: str = EngineOptions.precision
+    fusion: str = EngineOptions.fusion
+    fusion_top_k: Optional[int] = EngineOptions.fusion_top_k
+    refinement_rounds: int = EngineOptions.refinement_rounds
+
+    ENGINE_FIELDS = EngineOptions.names()
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(**{name: getattr(self, name) for name in self.ENGINE_FIELDS})
 
     @classmethod
     def from_dict(cls, data: dict) -> "SegmentRequest":
@@ -78,7 +89,7 @@ def default_generator_for(model: str) -> str:
 
 def resolve_model_choice(model: Optional[str], generator: Optional[str]) -> Tuple[str, str]:
     """'auto' -> the best model available here, and the generator measured best with it."""
-    from .models.base import best_available_model
+    from .models.loader import best_available_model
 
     if model in (None, "", "auto"):
         model, reason = best_available_model()
@@ -88,17 +99,11 @@ def resolve_model_choice(model: Optional[str], generator: Optional[str]) -> Tupl
     return model, generator
 
 
-def default_fusion_top_k(top_k: Optional[int], references: int) -> Optional[int]:
-    """Fuse the 3 references whose warped labels agree best when more than 3 are given (docs/benchmarks.md:
-    ACDC ED, best 3 of 19 references 0.788 vs 0.615 for one)."""
-    if top_k is not None:
-        if top_k < 1:
-            raise InputError(f"--top-k must be at least 1, got {top_k}")
-        return top_k
-    return 3 if references > 3 else None
-
-
 # --- the job ------------------------------------------------------------------------------------
+# Written into every output made with random weights (NIfTI descrip holds 80 characters).
+RANDOM_WEIGHTS_NOTE = "ProxyPrompt: RANDOM model weights, a pipeline test, not a segmentation"
+
+
 class EngineSession:
     """Keeps one built Engine (model + cached target features) across requests."""
 
@@ -106,20 +111,23 @@ class EngineSession:
         self._engine = None
         self._engine_key: Optional[tuple] = None
 
-    def engine_for(self, model: str, checkpoint=None, device="auto", image_size=None, precision="auto"):
+    def engine_for(self, model: str, checkpoint=None, options: Optional[EngineOptions] = None):
+        """The kept Engine when model, checkpoint and the model's options match, else a new one."""
         from .pipeline import Engine
 
-        key = (model, checkpoint, device, image_size, precision)
+        options = options or EngineOptions()
+        key = (model, checkpoint) + tuple(getattr(options, name) for name in EngineOptions.MODEL_FIELDS)
         if self._engine is None or self._engine_key != key:
             self._engine = None  # free the old model before building the next
-            self._engine = Engine(model, checkpoint=checkpoint, device=device, image_size=image_size,
-                                  precision=precision)
+            self._engine = Engine(model, checkpoint=checkpoint, options=options)
             self._engine_key = key
         return self._engine
 
     def segment(self, request: SegmentRequest, progress: Optional[ProgressCallback] = None, cancel=None) -> dict:
         """Read the files, run the engine, write the output atomically; returns the summary the CLI prints."""
+        from .atomic import refuse_overwriting_inputs
         from .cases import load_reference_case
+        from .integrity import check_intensities
         from .pipeline import MAX_TARGET_VOXELS
         from .volume import check_output_path, read_image, read_label, write_label
 
@@ -132,35 +140,39 @@ class EngineSession:
         if not request.reference_images:
             raise InputError("at least one reference case is needed")
         output = check_output_path(request.output)
+        refuse_overwriting_inputs(output, [*request.reference_images, *request.reference_labels, request.target,
+                                           request.corrections, request.label_table])
         report(progress, "read", 0, len(request.reference_images) + 1)
         references = []
         for index, (image, label) in enumerate(zip(request.reference_images, request.reference_labels)):
             references.append(load_reference_case(image, label, request.label_table))
             report(progress, "read", index + 1, len(request.reference_images) + 1)
         target = read_image(request.target, max_voxels=MAX_TARGET_VOXELS)
+        check_intensities(target.array, f"target {request.target}")
         report(progress, "read", len(request.reference_images) + 1, len(request.reference_images) + 1)
         corrections = None
         if request.corrections:
             corrections, _ = read_label(request.corrections)
         model, generator = resolve_model_choice(request.model, request.generator)
+        engine_options = request.engine_options()
         read_seconds = time.perf_counter() - started
         check_cancel(cancel)
 
-        engine = self.engine_for(model, request.checkpoint, request.device, request.image_size, request.precision)
+        engine = self.engine_for(model, request.checkpoint, engine_options)
         if engine.model is not None and engine.model.is_random:
             log.warning("model '%s' has RANDOM weights: the output tests the pipeline, it is not a segmentation",
                         model)
         result = engine.segment(
             references, target, generator=generator, labels=request.labels, slice_axis=request.slice_axis,
             corrections=corrections, corrected_slices=request.corrected_slices, cleanup=request.cleanup,
-            options={"registration_method": request.registration_method, "fusion": request.fusion,
-                     "top_k": default_fusion_top_k(request.top_k, len(references))},
+            options=dict(request.generator_options or {}), engine_options=engine_options,
             progress=progress, cancel=cancel,
         )
         check_cancel(cancel)
         tick = time.perf_counter()
         report(progress, "write", 0, 1)
-        write_label(result.label, result.table, output)
+        write_label(result.label, result.table, output,
+                    note=RANDOM_WEIGHTS_NOTE if result.info["random_weights"] else "")
         report(progress, "write", 1, 1)
         seconds: Dict[str, float] = dict(result.timings)
         seconds["read"] = read_seconds
@@ -179,6 +191,8 @@ class EngineSession:
             "corrected_slices": result.info["corrected_slices"],
             "references": len(references),
             "notes": result.info["notes"],
+            "options": result.info["options"],
+            "refinement_rounds": result.info["refinement_rounds"],
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
         if "encoder_calls" in result.info:

@@ -1,78 +1,32 @@
 """What a prompt generator hands to a model: the `PromptPlan`, and the registry of generators.
 
-A generator turns (reference case(s), target frames, model) into a PromptPlan. The model then executes
-the plan over the target's frames (`SliceModel.propagate`). Generators never touch model internals, and
-models never look at the reference case except through the plan.
+A generator turns (reference case(s), target frames, model) into a PromptPlan. The engine checks the plan against
+the model's capabilities and the model executes it over the target's frames (`SliceModel.propagate`); a generator may
+then refine the plan from the model's output (`Generator.refine`, up to `EngineOptions.refinement_rounds`).
+Generators never touch model internals (they read `model.capabilities` and the public feature calls), and models
+never look at the reference case except through the plan. docs/engine-contract.md is the author's guide.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..contract import (  # noqa: F401  (the contract's types, re-exported for generator authors)
+    Corrections,
+    ObjectPrompt,
+    PromptEmbedding,
+    PromptPlan,
+    ReferenceCase,
+    SupportSlice,
+)
 from ..errors import InputError
 from ..frames import SliceStack
-from ..volume import LabelTable, Volume
-
-
-@dataclass(frozen=True, eq=False)
-class ReferenceCase:
-    """An annotated case: image, label map on the image's grid, label table."""
-
-    image: Volume
-    label: Volume
-    table: LabelTable
-
-
-@dataclass(eq=False)
-class ObjectPrompt:
-    """Prompts for one structure (one label value) on the target's frames (frame = slice index)."""
-
-    label: int
-    masks: Dict[int, np.ndarray] = field(default_factory=dict)  # frame -> bool [H, W]: conditioning masks
-    boxes: Dict[int, np.ndarray] = field(default_factory=dict)  # frame -> [x0, y0, x1, y1] pixels
-    points: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # frame -> ([P, 2] xy, [P] 1/0)
-    prior: Optional[np.ndarray] = None  # [N, H, W] float32 in [0, 1]: soft prior over all frames
-    frame_range: Optional[Tuple[int, int]] = None  # first..last frame (inclusive) where it is expected
-
-
-@dataclass(eq=False)
-class SupportSlice:
-    """A reference slice used as in-context memory (support-memory generator)."""
-
-    image: np.ndarray  # [H, W] float32 in [0, 1], windowed like the target, on the target's in-plane grid
-    masks: Dict[int, np.ndarray]  # label -> bool [H, W]
-    relative_position: float  # position within the reference structure's slice extent, 0..1
-    source_index: int  # slice index in the reference stack
-
-
-@dataclass(eq=False)
-class PromptPlan:
-    objects: Dict[int, ObjectPrompt]
-    support: List[SupportSlice] = field(default_factory=list)
-    support_top_k: int = 4
-    start_frame: Optional[int] = None
-    notes: List[str] = field(default_factory=list)
-
-    @property
-    def labels(self) -> List[int]:
-        return sorted(self.objects)
-
-
-@dataclass(eq=False)
-class Corrections:
-    """User-corrected slices: their voxels are copied to the output unchanged and guide the rest."""
-
-    labels: np.ndarray  # [N, H, W] integer label stack on the target frames
-    frames: List[int]  # the corrected frame indices
-
-    def __post_init__(self) -> None:
-        self.frames = sorted({int(f) for f in self.frames})
-        for frame in self.frames:
-            if not 0 <= frame < self.labels.shape[0]:
-                raise InputError(f"corrected slice {frame} is outside the target's {self.labels.shape[0]} slices")
+from ..options import EngineOptions, NoOptions
+from ..progress import ProgressCallback
+from ..volume import Volume
 
 
 @dataclass(eq=False)
@@ -82,20 +36,40 @@ class GeneratorContext:
     target_frames: SliceStack
     labels: List[int]  # label values to segment
     model: object  # a SliceModel, or None for model "none"
-    options: dict = field(default_factory=dict)
-    progress: Optional[Callable[[str, int, int], None]] = None
+    options: object = None  # the generator's Options (a dict is parsed by `Generator.options_of`)
+    progress: Optional[ProgressCallback] = None
     cancel: Optional[object] = None
+    engine_options: EngineOptions = field(default_factory=EngineOptions)  # fusion_top_k already resolved
+    refinement_round: int = 0  # 0 while planning; n in the n-th call of `refine`
 
 
 class Generator:
-    """Base class: subclasses set `name`, `description`, `needs_training` and implement `plan`."""
+    """Base class: subclasses set `name`, `description`, `Options` (their options dataclass), `needs_model`,
+    `needs_training`, and implement `plan` (and optionally `refine`)."""
 
     name = ""
     description = ""
     needs_training = False
+    needs_model = False  # True: refused with model 'none' before any work (its plans give no mask prior)
+    Options = NoOptions
+
+    def options_of(self, context: GeneratorContext):
+        """The context's options as this generator's Options (a dict is validated; unknown names refused)."""
+        return self.Options.parse(context.options, f"generator '{self.name}'")
 
     def plan(self, context: GeneratorContext) -> PromptPlan:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def train(self, references: List[ReferenceCase], model, options, progress=None, cancel=None):
+        """Trainable generators (`needs_training = True`): fit their own weights on the references with the
+        model's features and return `checkpoints.TrainedWeights`; `checkpoints.train_generator` writes the file."""
+        raise InputError(f"generator '{self.name}' has no trained weights")
+
+    def refine(self, plan: PromptPlan, probabilities: Dict[int, np.ndarray],
+               context: GeneratorContext) -> Optional[PromptPlan]:
+        """After the model ran `plan` (probabilities: label -> [N, H, W] float32): a new plan for another round, or
+        None to stop. The model's cached features are reused (no re-encoding). Default: no refinement."""
+        return None
 
 
 _GENERATORS: Dict[str, Callable[[], Generator]] = {}

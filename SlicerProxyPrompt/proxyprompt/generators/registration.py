@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+from typing import Optional
+
 from ..frames import bounding_box
-from ..progress import report
+from ..options import REGISTRATION_METHODS, Options, option
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
+
+
+@dataclass(frozen=True)
+class RegistrationOptions(Options):
+    registration_method: Optional[str] = option(
+        None, "registration stages (default: intensity = locate, affine, demons, intensity EM with --model none; "
+              "deformable = without the EM as a model's prior)", str, REGISTRATION_METHODS)
 
 
 def plan_from_label_stack(label_stack: np.ndarray, labels, box_margin: int = 0) -> dict:
@@ -47,30 +57,34 @@ class RegistrationGenerator(Generator):
     name = "registration"
     description = "reference labels registered onto the target (SimpleITK); a prior for any model, or the result"
     needs_training = False
+    Options = RegistrationOptions
 
     def plan(self, context: GeneratorContext) -> PromptPlan:
+        return self.plan_with_method(context, self.options_of(context).registration_method)
+
+    @staticmethod
+    def plan_with_method(context: GeneratorContext, method: Optional[str]) -> PromptPlan:
+        """The plan from the registered reference label(s) (None: the default method for the model); fusion of
+        several references as the engine's options say. Also the support-memory generator's fallback."""
         from ..registration import segment_by_registration
 
-        options = context.options
         pairs = [(reference.image, reference.label) for reference in context.references]
-        progress = context.progress
-
-        def on_fraction(fraction, message=""):
-            report(progress, "register", int(round(100 * fraction)), 100, message)
-
-        method = options.get("registration_method") or default_registration_method(context.model)
+        method = method or default_registration_method(context.model)
         fused, info = segment_by_registration(
             pairs,
             context.target_image,
             method=method,
-            fusion=options.get("fusion", "vote"),
-            top_k=options.get("top_k"),
-            cleanup=True,
+            fusion=context.engine_options.fusion,
+            top_k=context.engine_options.fusion_top_k,
+            # a model's prior is cleaned here (its boxes and slice ranges come from it); without a model the
+            # registered labels are the result, cleaned once by the engine (or kept whole with cleanup=False)
+            cleanup=context.model is not None,
             cancel=context.cancel,
-            progress=on_fraction,
+            progress=context.progress,
         )
         label_stack = context.target_frames.labels(fused)
-        plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels))
+        # the prior is what a model without a prior input cannot use; boxes and slice ranges still prompt it
+        plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels), optional_fields=("prior",))
         plan.notes.append(
             f"registration ({method}) of {len(pairs)} reference(s)"
         )

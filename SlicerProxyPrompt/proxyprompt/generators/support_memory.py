@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError
+from ..options import REGISTRATION_METHODS, Options, option
 from ..progress import check_cancel, report
 from ..frames import SliceStack, bounding_box, make_slice_stack
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, SupportSlice, register_generator
@@ -117,12 +118,21 @@ def _image_embeddings(images: np.ndarray) -> np.ndarray:
     return np.stack(rows)
 
 
-def support_embeddings(model, images: np.ndarray) -> Optional[np.ndarray]:
-    """[K, D] embeddings of support images with the model's encoder if it offers `embed_slices`."""
-    embed = getattr(model, "embed_slices", None)
-    if embed is None:
-        return None
-    return np.asarray(embed(images))
+@dataclass(frozen=True)
+class SupportMemoryOptions(Options):
+    attention_top_k: int = option(DEFAULT_TOP_K, "SAM 2 memory: per target slice, the k most similar reference "
+                                                 "slices attended", int, minimum=1)
+    max_support: int = option(DEFAULT_MAX_SUPPORT, "most reference slices used as support", int, minimum=1)
+    conditioning_slices: int = option(DEFAULT_CONDITIONING, "SAM family: target slices prompted from aligned "
+                                                            "reference slices", int, minimum=1)
+    conditioning_masks: int = option(1, "SAM family: how many of the best conditioning slices get the warped "
+                                        "masks as seeds (the others get boxes)", int, minimum=0)
+    min_alignment_ncc: float = option(MIN_ALIGNMENT_NCC, "SAM family: below this NCC of the best aligned slice "
+                                                         "pair the prompts come from registration (above 1: "
+                                                         "always)", float)
+    registration_method: Optional[str] = option(
+        None, "registration stages (default: intensity = locate, affine, demons, intensity EM with --model none; "
+              "deformable = without the EM as a model's prior)", str, REGISTRATION_METHODS)
 
 
 # --- 2D alignment of reference slices onto target slices (SAM-family path) ---------------------------------
@@ -291,14 +301,18 @@ class SupportMemoryGenerator(Generator):
     description = ("reference slices with their masks as SAM 2 conditioning memory; per target slice the "
                    "k most similar reference slices are attended (training-free SAM2-SGP / FS-MedSAM2)")
     needs_training = False
+    needs_model = True
+    Options = SupportMemoryOptions
 
     def plan(self, context: GeneratorContext) -> PromptPlan:
-        options = context.options
-        top_k = int(options.get("top_k") or DEFAULT_TOP_K)
-        max_support = int(options.get("max_support") or DEFAULT_MAX_SUPPORT)
+        options = self.options_of(context)
+        top_k = options.attention_top_k
+        max_support = options.max_support
         frames = context.target_frames
         model = context.model
-        family = getattr(model, "family", "none")
+        if model is None:
+            raise InputError("generator 'support-memory' gives no mask prior, so it needs a model (not 'none')")
+        capabilities = model.capabilities
         labels = [int(v) for v in context.labels]
 
         support, extents, support_z, groups = self._support_slices(context, frames, labels, max_support)
@@ -308,9 +322,9 @@ class SupportMemoryGenerator(Generator):
         # similarity between target slices and support slices
         support_images = np.stack([s.image for s in support])
         target_vectors = reference_vectors = None
-        if model is not None and hasattr(model, "slice_embeddings") and hasattr(model, "embed_slices"):
+        if capabilities.slice_embeddings:
             target_vectors = np.asarray(model.slice_embeddings(frames, context.progress, context.cancel))
-            reference_vectors = support_embeddings(model, support_images)
+            reference_vectors = np.asarray(model.embed_slices(support_images))
         if target_vectors is None or reference_vectors is None:
             target_vectors = _image_embeddings(frames.images)
             reference_vectors = _image_embeddings(support_images)
@@ -339,17 +353,18 @@ class SupportMemoryGenerator(Generator):
             objects[value] = prompt
 
         plan = PromptPlan(objects=objects, support_top_k=top_k, start_frame=int(best_frame))
-        if family in ("sam", "litemedsam"):
+        if not capabilities.memory:
             # no memory: reference slices, aligned in 2D onto their best-matching target slices, give the
             # conditioning slices' masks and boxes; the model propagates slice by slice from them
-            wanted = int(options.get("conditioning_slices") or DEFAULT_CONDITIONING)
+            plan.start_frame = None  # a model without memory has no start frame
+            wanted = options.conditioning_slices
             chosen = self._aligned_conditioning(support, groups, support_z, coverage, frames, wanted, context.cancel,
                                                 context.progress)
-            floor = float(options.get("min_alignment_ncc", MIN_ALIGNMENT_NCC))
+            floor = options.min_alignment_ncc
             best = chosen[0][2].score
             if best < floor:
-                return self._registration_fallback(context, best, floor)
-            mask_frames = int(options.get("conditioning_masks", 1))
+                return self._registration_fallback(context, best, floor, options.registration_method)
+            mask_frames = options.conditioning_masks
             for rank, (frame, index, alignment, warped) in enumerate(chosen):
                 for value in labels:
                     mask = warped.get(value)
@@ -357,7 +372,6 @@ class SupportMemoryGenerator(Generator):
                         if rank < mask_frames:
                             objects[value].masks[frame] = mask
                         objects[value].boxes[frame] = bounding_box(mask)
-            plan.start_frame = chosen[0][0]
             plan.notes.append(
                 "support-memory (SAM family): " + "; ".join(
                     f"reference slice {support[index].source_index} aligned onto target slice {frame} "
@@ -372,7 +386,8 @@ class SupportMemoryGenerator(Generator):
         return plan
 
     @staticmethod
-    def _registration_fallback(context: GeneratorContext, best: float, floor: float) -> PromptPlan:
+    def _registration_fallback(context: GeneratorContext, best: float, floor: float,
+                               method: Optional[str]) -> PromptPlan:
         """The reference's structures were not found in 2D (best aligned slice pair below `floor`): prompts
         from the registration generator, whose 3D search sees the whole stack's context."""
         from .registration import RegistrationGenerator
@@ -380,7 +395,7 @@ class SupportMemoryGenerator(Generator):
         message = (f"support-memory (SAM family): the reference's slices match no target slice well (best aligned "
                    f"NCC {best:.2f} < {floor:.2f}), {FALLBACK_NOTE}")
         log.warning("%s", message)
-        plan = RegistrationGenerator().plan(context)
+        plan = RegistrationGenerator.plan_with_method(context, method)
         plan.notes.insert(0, message)
         return plan
 

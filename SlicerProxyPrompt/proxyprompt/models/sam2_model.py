@@ -39,9 +39,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InputError
+from ..contract import FeatureGrid, ModelCapabilities, PixelFeatures, PromptEmbedding
+from ..errors import CheckpointError, InputError
 from ..progress import check_cancel, report
 from .base import SliceModel, autocast, select_device, select_precision
+from .checkpoint_file import load_into, read_state_dict
 
 log = logging.getLogger("proxyprompt")
 
@@ -292,11 +294,9 @@ def build_predictor(config: str, checkpoint: Optional[Path], device: str, image_
         torch.manual_seed(seed)
         model = instantiate(cfg.model, _recursive_=True)
     if checkpoint is not None:
-        loaded = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-        state_dict = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = load_into(model, read_state_dict(checkpoint), checkpoint, strict=False)
         if missing or unexpected:
-            raise InputError(
+            raise CheckpointError(
                 f"checkpoint {checkpoint} does not fit {config}: {len(missing)} missing, "
                 f"{len(unexpected)} unexpected keys (e.g. {(list(missing) + list(unexpected))[:3]})"
             )
@@ -329,7 +329,7 @@ class Sam2Model(SliceModel):
                 raise InputError("model 'random' uses no checkpoint; drop --checkpoint or pick a SAM 2 model")
             checkpoint_path = None
         else:
-            from .registry import resolve_checkpoint
+            from .download import resolve_checkpoint
 
             checkpoint_path = Path(resolve_checkpoint(spec, checkpoint))
         self.checkpoint = checkpoint_path
@@ -341,6 +341,11 @@ class Sam2Model(SliceModel):
         self._incremental: Optional[_Incremental] = None  # the last run's state (one target; see _Incremental)
         self.frames_propagated = 0  # frames sent through the tracking loop by the last propagate()
         self.batch_objects = True  # track all objects of a run as one batch (False: sam2 1.1.0's per-object loop)
+        side = self.image_size // 16
+        # memory (the video predictor: support slices, start frame); no soft prior input
+        self.capabilities = ModelCapabilities(
+            memory=True, boxes=True, points=True, masks=True, prior=False, embeddings=True, frame_range=True,
+            pixel_features=True, slice_embeddings=True, feature_grid=(side, side))
 
     # ---------------------------------------------------------------- helpers
     @contextmanager
@@ -389,6 +394,41 @@ class Sam2Model(SliceModel):
     def slice_embeddings(self, frames, progress=None, cancel=None) -> np.ndarray:
         """[N, D] pooled, L2-normalised top-level image features (from the cached features)."""
         return np.array(self.features(frames, progress, cancel).embeddings, copy=True)
+
+    def pixel_features(self, frames, progress=None, cancel=None) -> PixelFeatures:
+        """[N, 256, S/16, S/16] top-level backbone features of the frames (cached, encoded once per target); each
+        frame is stretched to S x S, so a cell covers (H / h) x (W / w) frame pixels."""
+        features = self.features(frames, progress, cancel)
+        array = features.fpn[-1].float().cpu().numpy().astype(np.float32, copy=True)
+        grid_h, grid_w = array.shape[-2:]
+        grid = FeatureGrid((grid_h, grid_w), (frames.height / grid_h, frames.width / grid_w), (grid_h, grid_w),
+                           (frames.height, frames.width))
+        return PixelFeatures(array, grid)
+
+    @contextmanager
+    def _prompt_embeddings(self, embedding: PromptEmbedding):
+        """While active, SAM 2's prompt encoder returns the given prompt embeddings (sparse [1, T, 256], dense
+        [1, 256, h, w] or its own no-mask embedding) instead of encoding the (placeholder) point."""
+        torch = _torch()
+        encoder = self.predictor.sam_prompt_encoder
+        grid = tuple(self.capabilities.feature_grid)
+        if embedding.dense_256hw is not None and tuple(embedding.dense_256hw.shape[1:]) != grid:
+            raise InputError(f"dense prompt embedding is {list(embedding.dense_256hw.shape)}, model '{self.name}' "
+                             f"at {self.image_size} px needs [256, {grid[0]}, {grid[1]}]")
+        original = encoder.forward
+
+        def forward(points, boxes, masks):
+            sparse, dense = original(points, boxes, masks)
+            sparse = torch.from_numpy(embedding.sparse_tokens_t256)[None].to(sparse.device, sparse.dtype)
+            if embedding.dense_256hw is not None:
+                dense = torch.from_numpy(embedding.dense_256hw)[None].to(dense.device, dense.dtype)
+            return sparse, dense
+
+        encoder.forward = forward
+        try:
+            yield
+        finally:
+            del encoder.forward  # back to the class's forward
 
     def support_features(self, images: np.ndarray, cancel=None) -> FrameFeatures:
         """Features of support (reference) slices, cached by content (kept across runs and targets)."""
@@ -459,6 +499,8 @@ class Sam2Model(SliceModel):
                 existing = conditioning[value].get(int(frame))
                 box = existing[1] if existing is not None and existing[0] == "box" else None
                 conditioning[value][int(frame)] = ("points", (box, np.asarray(coords), np.asarray(point_labels)))
+            for frame, embedding in (prompt.embeddings or {}).items():
+                conditioning[value][int(frame)] = ("embedding", embedding)
             for frame, mask in (prompt.masks or {}).items():
                 conditioning[value][int(frame)] = ("mask", np.asarray(mask, dtype=bool))
             for frame in corrected:
@@ -501,6 +543,11 @@ class Sam2Model(SliceModel):
                             predictor.add_new_mask(state, video_frame, value, torch.from_numpy(np.ascontiguousarray(payload)))
                         elif kind == "box":
                             predictor.add_new_points_or_box(state, video_frame, value, box=payload)
+                        elif kind == "embedding":  # a placeholder point whose encoding is replaced
+                            with self._prompt_embeddings(payload):
+                                predictor.add_new_points_or_box(state, video_frame, value,
+                                                                points=np.zeros((1, 2), np.float32),
+                                                                labels=np.ones(1, np.int32))
                         else:
                             box, coords, point_labels = payload
                             predictor.add_new_points_or_box(state, video_frame, value, points=coords,
@@ -760,6 +807,10 @@ def _plan_fingerprint(plan, support_images: Optional[np.ndarray], image_size: in
         for frame in sorted(prompt.points or {}):
             coords, point_labels = prompt.points[frame]
             add("points", int(frame), np.asarray(coords, dtype=np.float64), np.asarray(point_labels, dtype=np.int64))
+        for frame in sorted(prompt.embeddings or {}):
+            embedding = prompt.embeddings[frame]
+            add("embedding", int(frame), embedding.sparse_tokens_t256,
+                "no dense" if embedding.dense_256hw is None else embedding.dense_256hw)
     if support_images is not None:
         add("support", support_images)
         for slice_ in plan.support:

@@ -39,10 +39,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..contract import FeatureGrid, ModelCapabilities, PixelFeatures, PromptEmbedding
 from ..errors import InputError
 from ..progress import check_cancel, report
 from ..frames import bounding_box
 from .base import SliceModel, autocast, select_device, select_precision
+from .checkpoint_file import load_into, read_state_dict
 
 log = logging.getLogger("proxyprompt")
 
@@ -170,15 +172,15 @@ class SamFamilyModel(SliceModel):
         else:
             net = self._build_sam(self._sam_variant(spec), size)
         if path is not None:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
-            elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-            net.load_state_dict(state, strict=True)
+            load_into(net, read_state_dict(path), path, strict=True)
             self.checkpoint_path = str(path)
         self.net = net.to(self.device).eval()
         self._last_key: Optional[str] = None
+        grid = tuple(int(v) for v in self.net.prompt_encoder.image_embedding_size)
+        # no memory, no points (the decoder is prompted by a box / mask / embeddings per slice); a prior is read
+        self.capabilities = ModelCapabilities(
+            memory=False, boxes=True, points=False, masks=True, prior=True, embeddings=True, frame_range=True,
+            pixel_features=True, slice_embeddings=False, feature_grid=grid)
 
     # --- building -------------------------------------------------------------------------------
     @staticmethod
@@ -224,8 +226,9 @@ class SamFamilyModel(SliceModel):
         digest is verified here too (a corrupted or foreign copy is rejected) unless `verify` is False
         (a fine-tuned file)."""
         from . import registry
+        from .download import resolve_checkpoint
 
-        path = registry.resolve_checkpoint(spec, checkpoint)
+        path = resolve_checkpoint(spec, checkpoint)
         if checkpoint is not None and verify and getattr(spec, "sha256", None):
             registry.verify_file(path, spec)
         return path
@@ -303,16 +306,36 @@ class SamFamilyModel(SliceModel):
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
         return pooled / np.maximum(norms, 1e-12)
 
+    def feature_grid(self, height: int, width: int) -> FeatureGrid:
+        """Where the image-embedding cells lie on an H x W frame (the frame is resized into the model input's
+        top-left corner, aspect kept, or stretched to the whole input with preprocessing 'stretch')."""
+        grid_h, grid_w = self.capabilities.feature_grid
+        new_h, new_w = self._resized_shape(height, width)
+        input_per_cell = (self.image_size / grid_h, self.image_size / grid_w)
+        cell = (input_per_cell[0] * height / new_h, input_per_cell[1] * width / new_w)
+        valid = (min(grid_h, int(np.ceil(new_h / input_per_cell[0]))), min(grid_w, int(np.ceil(new_w / input_per_cell[1]))))
+        return FeatureGrid((grid_h, grid_w), cell, valid, (height, width))
+
+    def pixel_features(self, frames, progress=None, cancel=None) -> PixelFeatures:
+        """[N, 256, h, w] image embeddings of the frames (the decoder's input; cached, encoded once per target)."""
+        features = self.features(frames, progress=progress, cancel=cancel)
+        array = features["embeddings"].float().numpy().astype(np.float32, copy=True)
+        return PixelFeatures(array, self.feature_grid(frames.height, frames.width))
+
     # --- one slice ------------------------------------------------------------------------------
-    def predict_slice(self, frame_index: int, box=None, mask_prior=None, frames=None) -> Tuple[np.ndarray, float]:
+    def predict_slice(self, frame_index: int, box=None, mask_prior=None, frames=None,
+                      embedding: Optional[PromptEmbedding] = None) -> Tuple[np.ndarray, float]:
         """Probability [H, W] and the model's IoU score for one frame, prompted by a box (x0, y0, x1, y1 in
-        frame pixels; None: the whole slice) and optionally a mask prior [H, W] in [0, 1]."""
+        frame pixels; None: the whole slice) and optionally a mask prior [H, W] in [0, 1]; or by prompt
+        embeddings (`PromptEmbedding`: sparse [T, 256], optional dense [256, h, w]) in place of both."""
         import torch
         import torch.nn.functional as F
 
         features = self._features_for(frames)
         height, width = features["shape"]
         new_h, new_w = self._resized_shape(height, width)
+        if embedding is not None:
+            return self._decode(features, frame_index, *self._embedding_tensors(embedding), height, width, new_h, new_w)
         if box is None:
             box = np.array([0, 0, width - 1, height - 1], dtype=np.float32)
         box = np.asarray(box, dtype=np.float32).reshape(4)
@@ -329,9 +352,33 @@ class SamFamilyModel(SliceModel):
             low = self.net.prompt_encoder.mask_input_size
             canvas = F.interpolate(canvas, size=tuple(low), mode="bilinear", align_corners=False)
             masks_t = (torch.logit(canvas.clamp(1e-3, 1 - 1e-3)) * 0.5).to(self.device)  # soft logits
-        embedding = features["embeddings"][int(frame_index):int(frame_index) + 1].to(self.device)
         with torch.inference_mode():
             sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=masks_t)
+        return self._decode(features, frame_index, sparse, dense, height, width, new_h, new_w)
+
+    def _embedding_tensors(self, embedding: PromptEmbedding):
+        """(sparse [1, T, 256], dense [1, 256, h, w]) decoder inputs from prompt embeddings."""
+        import torch
+
+        grid = tuple(self.capabilities.feature_grid)
+        sparse = torch.from_numpy(embedding.sparse_tokens_t256)[None].to(self.device)
+        if embedding.dense_256hw is None:
+            weight = self.net.prompt_encoder.no_mask_embed.weight.detach()
+            dense = weight.reshape(1, -1, 1, 1).expand(1, -1, grid[0], grid[1])
+        else:
+            if tuple(embedding.dense_256hw.shape[1:]) != grid:
+                raise InputError(f"dense prompt embedding is {list(embedding.dense_256hw.shape)}, model "
+                                 f"'{self.name}' needs [256, {grid[0]}, {grid[1]}]")
+            dense = torch.from_numpy(embedding.dense_256hw)[None].to(self.device)
+        return sparse, dense
+
+    def _decode(self, features, frame_index: int, sparse, dense, height: int, width: int, new_h: int, new_w: int):
+        """The mask decoder on one frame's cached embedding -> (probability [H, W], IoU score)."""
+        import torch
+        import torch.nn.functional as F
+
+        embedding = features["embeddings"][int(frame_index):int(frame_index) + 1].to(self.device)
+        with torch.inference_mode():
             logits, iou = self.net.mask_decoder(
                 image_embeddings=embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
@@ -386,9 +433,10 @@ class SamFamilyModel(SliceModel):
             prior = self._combined_prior(objects, members)
             member_seeds = self._combined_seeds(seeds, members)
             boxes = {} if len(members) > 1 else {int(f): b for f, b in objects[value].boxes.items()}
+            embeddings = {} if len(members) > 1 else {int(f): e for f, e in (objects[value].embeddings or {}).items()}
             frame_range = self._combined_range(objects, members)
             raw[value] = self._propagate_object(prior, member_seeds, boxes, frame_range, (n, height, width),
-                                                report, cancel)
+                                                step_done, cancel, embeddings)
 
         probabilities: Dict[int, np.ndarray] = {}
         for kind, value, members in items:
@@ -498,26 +546,39 @@ class SamFamilyModel(SliceModel):
             return None
         return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
-    def _propagate_object(self, prior, seeds, boxes, frame_range, shape, report, cancel) -> np.ndarray:
+    def _propagate_object(self, prior, seeds, boxes, frame_range, shape, advance, cancel,
+                          embeddings=None) -> np.ndarray:
+        """One structure over the frames. Frames prompted by prompt embeddings are decoded from them first and
+        then act as seeds (their decoded masks) for the rest; they keep their soft probabilities."""
         n, height, width = shape
         result = np.zeros(shape, dtype=np.float32)
+        decoded = {}
+        for frame, embedding in sorted((embeddings or {}).items()):
+            if frame not in seeds:
+                check_cancel(cancel)
+                decoded[frame] = self.predict_slice(frame, embedding=embedding)[0]
+        if decoded:
+            seeds = dict(seeds)
+            seeds.update({frame: probability > 0.5 for frame, probability in decoded.items()})
         for frame, mask in seeds.items():
             result[frame] = mask
         if prior is not None:
-            self._from_prior(result, prior, seeds, boxes, frame_range, report, cancel)
+            self._from_prior(result, prior, seeds, boxes, frame_range, advance, cancel)
         else:
-            self._from_neighbours(result, seeds, boxes, frame_range, report, cancel)
+            self._from_neighbours(result, seeds, boxes, frame_range, advance, cancel)
+        for frame, probability in decoded.items():
+            result[frame] = probability
         return result
 
     # prior mode: box per slice from the prior, shifted by the seeds' offset; range = the prior's range
-    def _from_prior(self, result, prior, seeds, boxes, frame_range, report, cancel) -> None:
+    def _from_prior(self, result, prior, seeds, boxes, frame_range, advance, cancel) -> None:
         n = result.shape[0]
         present = np.flatnonzero((prior > 0.5).reshape(n, -1).any(axis=1))
         if frame_range is None and present.size:
             frame_range = (int(present[0]), int(present[-1]))
         seeded = sorted(f for f, m in seeds.items() if m.any())
         if frame_range is None and not seeded:
-            step_done(n)
+            advance(n)
             return
         first, last = frame_range if frame_range is not None else (seeded[0], seeded[-1])
         if seeded:  # a corrected slice holding the structure extends the range
@@ -536,14 +597,14 @@ class SamFamilyModel(SliceModel):
         for frame in range(n):
             check_cancel(cancel)
             if frame in seeds or not first <= frame <= last:
-                step_done()
+                advance()
                 continue
             box = bounding_box(prior[frame] > 0.5, self.prior_margin)
             if box is None and frame in boxes and boxes[frame] is not None:
                 box = np.asarray(boxes[frame], dtype=np.float32)
             if box is None:
                 pending.append(frame)  # no prior here: take the neighbour's prediction afterwards
-                step_done()
+                advance()
                 continue
             if offsets:
                 nearest = min(offsets, key=lambda f: (abs(f - frame), f))
@@ -552,7 +613,7 @@ class SamFamilyModel(SliceModel):
             mask_prior = prior[frame] if self.use_mask_prompt else None
             probability, _ = self.predict_slice(frame, box, mask_prior)
             result[frame] = probability
-            step_done()
+            advance()
         del order
         for frame in pending:  # gaps inside the range: box of the nearest predicted neighbour
             check_cancel(cancel)
@@ -564,7 +625,7 @@ class SamFamilyModel(SliceModel):
                     break
 
     # no prior: from each seed / boxed frame outwards, box of the neighbour's prediction, stopping rule
-    def _from_neighbours(self, result, seeds, boxes, frame_range, report, cancel) -> None:
+    def _from_neighbours(self, result, seeds, boxes, frame_range, advance, cancel) -> None:
         n = result.shape[0]
         first, last = frame_range if frame_range is not None else (0, n - 1)
         known = {f for f, m in seeds.items()}
@@ -582,7 +643,7 @@ class SamFamilyModel(SliceModel):
             nonlocal reported
             if reported < n:
                 reported += 1
-                step_done()
+                advance()
 
         owner_distance = {f: 0 for f in known}
         for start in sorted(starts):
@@ -616,7 +677,7 @@ class SamFamilyModel(SliceModel):
                     frame += step
                     distance += 1
         if reported < n:
-            step_done(n - reported)
+            advance(n - reported)
 
     @staticmethod
     def _clip_box(box, shape_hw):

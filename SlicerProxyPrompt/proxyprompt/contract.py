@@ -1,0 +1,247 @@
+"""The types generators and models exchange (the engine contract), in one module that imports no engine code.
+
+A generator turns reference case(s) and the target's frames into a `PromptPlan`; the engine checks the plan against
+the model's `ModelCapabilities` and the model executes it. Models offer their cached image features to generators as
+`PixelFeatures` (per-pixel, [N, C, h, w], with the `FeatureGrid` that maps feature cells to frame pixels) and pooled
+slice embeddings ([N, D]). docs/engine-contract.md describes the contract for a generator author.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import InputError
+from .volume import LabelTable, Volume
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceCase:
+    """An annotated case: image, label map on the image's grid, label table."""
+
+    image: Volume
+    label: Volume
+    table: LabelTable
+
+
+@dataclass(eq=False)
+class Corrections:
+    """User-corrected slices: their voxels are copied to the output unchanged and guide the rest."""
+
+    labels: np.ndarray  # [N, H, W] integer label stack on the target frames
+    frames: List[int]  # the corrected frame indices
+
+    def __post_init__(self) -> None:
+        self.frames = sorted({int(f) for f in self.frames})
+        for frame in self.frames:
+            if not 0 <= frame < self.labels.shape[0]:
+                raise InputError(f"corrected slice {frame} is outside the target's {self.labels.shape[0]} slices")
+
+
+PROMPT_EMBEDDING_DIM = 256  # the prompt-token width of every SAM-family and SAM 2 mask decoder
+
+
+@dataclass(eq=False)
+class PromptEmbedding:
+    """Prompt embeddings that a mask decoder takes in place of encoded points / boxes / mask input.
+
+    sparse_tokens_t256: [T, 256] float32, what a prompt encoder makes of points and boxes (T >= 1);
+    dense_256hw: optional [256, h, w] float32 on the model's feature grid (`ModelCapabilities.feature_grid`), what
+    a prompt encoder makes of a mask input; None: the model's "no mask" embedding.
+    """
+
+    sparse_tokens_t256: np.ndarray
+    dense_256hw: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        sparse = np.asarray(self.sparse_tokens_t256, dtype=np.float32)
+        if sparse.ndim != 2 or sparse.shape[0] < 1 or sparse.shape[1] != PROMPT_EMBEDDING_DIM:
+            raise InputError(f"sparse prompt tokens must be [T, {PROMPT_EMBEDDING_DIM}] with T >= 1, "
+                             f"got {list(sparse.shape)}")
+        self.sparse_tokens_t256 = sparse
+        if self.dense_256hw is not None:
+            dense = np.asarray(self.dense_256hw, dtype=np.float32)
+            if dense.ndim != 3 or dense.shape[0] != PROMPT_EMBEDDING_DIM:
+                raise InputError(f"a dense prompt embedding must be [{PROMPT_EMBEDDING_DIM}, h, w], "
+                                 f"got {list(dense.shape)}")
+            self.dense_256hw = dense
+
+
+@dataclass(eq=False)
+class ObjectPrompt:
+    """Prompts for one structure (one label value) on the target's frames (frame = slice index)."""
+
+    label: int
+    masks: Dict[int, np.ndarray] = field(default_factory=dict)  # frame -> bool [H, W]: conditioning masks
+    boxes: Dict[int, np.ndarray] = field(default_factory=dict)  # frame -> [x0, y0, x1, y1] pixels
+    points: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # frame -> ([P, 2] xy, [P] 1/0)
+    prior: Optional[np.ndarray] = None  # [N, H, W] float32 in [0, 1]: soft prior over all frames
+    frame_range: Optional[Tuple[int, int]] = None  # first..last frame (inclusive) where it is expected
+    embeddings: Dict[int, PromptEmbedding] = field(default_factory=dict)  # frame -> prompt embeddings
+
+
+@dataclass(eq=False)
+class SupportSlice:
+    """A reference slice used as in-context memory (support-memory generator)."""
+
+    image: np.ndarray  # [H, W] float32 in [0, 1], windowed like the target, on the target's in-plane grid
+    masks: Dict[int, np.ndarray]  # label -> bool [H, W]
+    relative_position: float  # position within the reference structure's slice extent, 0..1
+    source_index: int  # slice index in the reference stack
+
+
+@dataclass(eq=False)
+class PromptPlan:
+    """What a model executes. `optional_fields`: plan fields (names of `PLAN_FIELDS`) the generator can do without;
+    a model that cannot execute one drops it with a note instead of refusing the plan."""
+
+    objects: Dict[int, ObjectPrompt]
+    support: List[SupportSlice] = field(default_factory=list)
+    support_top_k: int = 4
+    start_frame: Optional[int] = None
+    notes: List[str] = field(default_factory=list)
+    optional_fields: Tuple[str, ...] = ()
+
+    @property
+    def labels(self) -> List[int]:
+        return sorted(self.objects)
+
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What a model executes of a plan, and what it offers generators.
+
+    memory: propagates with memory through the frames (SAM 2's video predictor): executes `support` (reference slices
+    as conditioning memory) and `start_frame`; boxes / points / masks / prior / embeddings: executes those per-object
+    plan fields; frame_range: clips each structure to it; pixel_features: offers `pixel_features(frames)`;
+    slice_embeddings: offers pooled embeddings of target frames and of arbitrary slices (`slice_embeddings`,
+    `embed_slices`); feature_grid: (h, w) of its per-pixel features / dense prompt embeddings.
+    """
+
+    memory: bool = False
+    boxes: bool = False
+    points: bool = False
+    masks: bool = False
+    prior: bool = False
+    embeddings: bool = False
+    frame_range: bool = False
+    pixel_features: bool = False
+    slice_embeddings: bool = False
+    feature_grid: Optional[Tuple[int, int]] = None
+
+
+# plan field -> the capability that executes it
+PLAN_FIELDS = {
+    "support": "memory",
+    "start_frame": "memory",
+    "masks": "masks",
+    "boxes": "boxes",
+    "points": "points",
+    "prior": "prior",
+    "embeddings": "embeddings",
+    "frame_range": "frame_range",
+}
+
+
+def used_plan_fields(plan: PromptPlan) -> List[str]:
+    """The plan fields that carry something (names of `PLAN_FIELDS`)."""
+    used = set()
+    if plan.support:
+        used.add("support")
+    if plan.start_frame is not None:
+        used.add("start_frame")
+    for prompt in plan.objects.values():
+        for name in ("masks", "boxes", "points", "embeddings"):
+            if getattr(prompt, name):
+                used.add(name)
+        if prompt.prior is not None:
+            used.add("prior")
+        if prompt.frame_range is not None:
+            used.add("frame_range")
+    return [name for name in PLAN_FIELDS if name in used]
+
+
+def drop_plan_field(plan: PromptPlan, name: str) -> None:
+    """Remove one plan field's content (in place)."""
+    if name == "support":
+        plan.support = []
+    elif name == "start_frame":
+        plan.start_frame = None
+    else:
+        for prompt in plan.objects.values():
+            empty = None if name in ("prior", "frame_range") else {}
+            setattr(prompt, name, empty)
+
+
+def check_plan(plan: PromptPlan, capabilities: ModelCapabilities, model_name: str, generator_name: str) -> PromptPlan:
+    """Refuse a plan field the model cannot execute (InputError naming field and model), or drop it with a note
+    when the generator marked it optional. Returns the (possibly reduced) plan."""
+    for name in plan.optional_fields:
+        if name not in PLAN_FIELDS:
+            raise InputError(f"generator '{generator_name}' marks unknown plan field '{name}' optional; "
+                             f"known: {', '.join(PLAN_FIELDS)}")
+    executes = [name for name, capability in PLAN_FIELDS.items() if getattr(capabilities, capability)]
+    for name in used_plan_fields(plan):
+        if getattr(capabilities, PLAN_FIELDS[name]):
+            continue
+        if name in plan.optional_fields:
+            drop_plan_field(plan, name)
+            plan.notes.append(f"plan field '{name}' dropped: model '{model_name}' does not execute it")
+            continue
+        raise InputError(
+            f"plan field '{name}' of generator '{generator_name}' cannot be executed by model '{model_name}' "
+            f"(it executes: {', '.join(executes) or 'nothing'})"
+        )
+    return plan
+
+
+@dataclass(frozen=True)
+class FeatureGrid:
+    """Where a model's per-pixel feature cells lie on a frame.
+
+    shape: (h, w) cells; cell_size: (rows, cols) of frame pixels per cell; valid: (h, w) cells that cover the frame
+    (the rest is padding, e.g. LiteMedSAM's zero-padded bottom / right). Cell (i, j) is centred on frame pixel
+    ((i + 0.5) * cell_rows - 0.5, (j + 0.5) * cell_cols - 0.5).
+    """
+
+    shape: Tuple[int, int]
+    cell_size: Tuple[float, float]
+    valid: Tuple[int, int]
+    frame_shape: Tuple[int, int]
+
+    def cell_centres(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(rows [h], cols [w]) frame-pixel coordinates of the cell centres."""
+        rows = (np.arange(self.shape[0]) + 0.5) * self.cell_size[0] - 0.5
+        cols = (np.arange(self.shape[1]) + 0.5) * self.cell_size[1] - 0.5
+        return rows, cols
+
+    def frame_to_cell(self, row: float, col: float) -> Tuple[int, int]:
+        """The cell holding frame pixel (row, col)."""
+        i = int(np.clip(np.floor((row + 0.5) / self.cell_size[0]), 0, self.shape[0] - 1))
+        j = int(np.clip(np.floor((col + 0.5) / self.cell_size[1]), 0, self.shape[1] - 1))
+        return i, j
+
+    def mask_to_grid(self, mask_hw: np.ndarray) -> np.ndarray:
+        """[h, w] float32: the fraction of each cell covered by a frame mask [H, W] (0 on padding cells)."""
+        mask = np.asarray(mask_hw, dtype=np.float32)
+        if mask.shape != tuple(self.frame_shape):
+            raise InputError(f"mask is {list(mask.shape)}, the frames are {list(self.frame_shape)}")
+        rows = np.minimum(((np.arange(mask.shape[0]) + 0.5) / self.cell_size[0]).astype(int), self.shape[0] - 1)
+        cols = np.minimum(((np.arange(mask.shape[1]) + 0.5) / self.cell_size[1]).astype(int), self.shape[1] - 1)
+        total = np.zeros(self.shape, np.float64)
+        count = np.zeros(self.shape, np.float64)
+        np.add.at(total, (rows[:, None], cols[None, :]), mask)
+        np.add.at(count, (rows[:, None], cols[None, :]), 1.0)
+        return (total / np.maximum(count, 1.0)).astype(np.float32)
+
+
+@dataclass(eq=False)
+class PixelFeatures:
+    """Per-pixel image features of the target frames, from the model's feature cache (encoded once per target).
+
+    features_nchw: [N, C, h, w] float32 (N = frames); grid: where the cells lie on the frames."""
+
+    features_nchw: np.ndarray
+    grid: FeatureGrid
