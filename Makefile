@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile Resources/requirements.txt
 	$(BIN)/pip install -q torch==2.15.0 torchvision==0.29.2
 	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-build-isolation sam2==1.1.0
 	$(BIN)/pip install -q -r Resources/requirements.txt pytest hypothesis matplotlib
+	# Slicer's real MRML core (no Qt) to test the Slicer module's Logic; never installed inside Slicer itself.
+	$(BIN)/pip install -q slicer-core==5.13.31053.0
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -40,3 +40,30 @@ def crop_slices(volume, first: int, count: int):
     matrix = np.array(volume.ijk_to_lps, dtype=float)
     matrix[:3, 3] = matrix[:3, :3] @ np.array([0.0, 0.0, first]) + matrix[:3, 3]
     return Volume(np.ascontiguousarray(volume.array[first : first + count]), matrix)
+
+
+@pytest.fixture(scope="session")
+def acdc_small_pair(acdc, tmp_path_factory) -> Path:
+    """ACDC patient001 ED (reference) and patient002 ED (target), 4 slices each, as NRRD: quick, and real.
+
+    reference.nrrd, reference_label.nrrd, target.nrrd, target_label.nrrd (ground truth), and target_oblique.nrrd /
+    target_oblique_label.nrrd: the same target voxels on an oblique grid (rotated direction, moved origin).
+    """
+    from proxyprompt.volume import Volume, read_image, read_label, write_image
+
+    folder = tmp_path_factory.mktemp("acdc_small_pair")
+    reference = read_image(acdc / "patient001_ED_image.nii.gz")
+    label, _ = read_label(acdc / "patient001_ED_label.nii.gz")
+    target = read_image(acdc / "patient002_ED_image.nii.gz")
+    truth, _ = read_label(acdc / "patient002_ED_label.nii.gz")
+    write_image(crop_slices(reference, 3, 4), folder / "reference.nrrd")
+    write_image(crop_slices(label, 3, 4), folder / "reference_label.nrrd")
+    target, truth = crop_slices(target, 3, 4), crop_slices(truth, 3, 4)
+    write_image(target, folder / "target.nrrd")
+    write_image(truth, folder / "target_label.nrrd")
+    direction = oblique_direction()
+    oblique = Volume.from_geometry(target.array, target.spacing, np.array(target.origin) + [5.0, -3.0, 2.0],
+                                   direction)
+    write_image(oblique, folder / "target_oblique.nrrd")
+    write_image(oblique.with_array(truth.array), folder / "target_oblique_label.nrrd")
+    return folder

@@ -130,7 +130,7 @@ def test_cropped_seg_nrrd_is_padded_back_onto_the_image_grid(tmp_path):
 
 
 def test_reference_case_loading_rejects_mismatch_and_empty(tmp_path):
-    image = Volume.from_geometry(np.zeros((4, 5, 6), np.int16), (1, 1, 3), (0, 0, 0))
+    image = Volume.from_geometry(np.arange(120, dtype=np.int16).reshape(4, 5, 6), (1, 1, 3), (0, 0, 0))
     write_image(image, tmp_path / "image.nii.gz")
     write_label(Volume.from_geometry(np.ones((4, 5, 7), np.uint8), (1, 1, 3), (0, 0, 0)), {}, tmp_path / "wide.nii.gz")
     write_label(image.with_array(np.zeros((4, 5, 6), np.uint8)), {}, tmp_path / "empty.nii.gz")

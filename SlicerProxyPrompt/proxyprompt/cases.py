@@ -8,6 +8,7 @@ import numpy as np
 
 from .errors import InputError
 from .generators.base import ReferenceCase
+from .integrity import check_intensities
 from .volume import GRID_TOLERANCE, Volume, read_image, read_label
 
 
@@ -38,6 +39,7 @@ def label_on_image_grid(label: Volume, image: Volume, label_name: str = "label")
 
 def load_reference_case(image_path, label_path, label_table_path: Optional[str] = None) -> ReferenceCase:
     image = read_image(image_path)
+    check_intensities(image.array, f"reference image {image_path}")
     label, table = read_label(label_path, label_table_path)
     label = label_on_image_grid(label, image, f"reference label {label_path}")
     if not np.any(label.array):

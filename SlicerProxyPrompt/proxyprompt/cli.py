@@ -1,7 +1,9 @@
-"""`proxyprompt` command line: segment, evaluate, models, download, demo.
+"""`proxyprompt` command line: segment, evaluate, models, download, serve, demo.
 
-Exit codes: 0 success; 2 bad input (one-line reason on stderr, no output file); 1 unexpected failure;
-130 cancelled (Ctrl+C). With --json one JSON object goes to stdout and logs go to stderr.
+Exit codes (docs/reliability.md): 0 success; 2 bad input (one-line reason on stderr, no output file, inputs
+untouched); 1 the environment failed (disk full, I/O error; one line) or an internal error (one line naming the
+file that holds the full trace); 130 cancelled (Ctrl+C). With --json one JSON object goes to stdout and logs go
+to stderr.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+import traceback
 from typing import List, Optional
 
 from . import __version__
-from .errors import Cancelled, DownloadError, InputError
+from .errors import Cancelled, CheckpointError, DownloadError, InputError, OutputWriteError
 
 log = logging.getLogger("proxyprompt")
 
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl = commands.add_parser("download", help="fetch a model into the cache, verified")
     dl.add_argument("name")
 
+    commands.add_parser("serve", help="engine worker: JSON-lines requests on stdin, events on stdout (Slicer module)")
+
     demo = commands.add_parser("demo", help="the main job on sample data (ACDC)")
     demo.add_argument("--data", help="data folder holding acdc/ (default: ../shared/data beside the repository)")
     demo.add_argument("--output-dir", default="out/demo")
@@ -144,6 +151,8 @@ def run_evaluate(args) -> dict:
 
     prediction, _ = read_label(args.prediction)
     truth, table = read_label(args.truth, args.label_table)
+    if not truth.array.any():
+        raise InputError(f"truth {args.truth} holds no labels: nothing to evaluate")
     return evaluate(prediction, truth, label_table=table)
 
 
@@ -191,25 +200,83 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "download":
             result = run_download(args)
             print(result["path"] or f"{args.name}: nothing to download")
+        elif args.command == "serve":
+            from .serve import serve
+
+            return serve()
         elif args.command == "demo":
             from .demo import run_demo
 
             summary = run_demo(args)
             if args.json:
                 print(json.dumps(summary))
+        sys.stdout.flush()  # a closed pipe surfaces here, not at interpreter exit
         return EXIT_OK
-    except InputError as error:
-        sys.stderr.write(f"proxyprompt: error: {error}\n")
+    except (InputError, CheckpointError) as error:
+        _error_line(f"error: {error}")
         return EXIT_BAD_INPUT
     except DownloadError as error:
-        sys.stderr.write(f"proxyprompt: download failed: {error}\n")
+        _error_line(f"download failed: {error}")
         return EXIT_BAD_INPUT
     except (Cancelled, KeyboardInterrupt):
-        sys.stderr.write("proxyprompt: cancelled; nothing was written\n")
+        _error_line("cancelled; nothing was written")
         return EXIT_CANCELLED
     except MemoryError:
-        sys.stderr.write("proxyprompt: error: out of memory; crop the target or use --image-size 512\n")
+        _error_line("error: out of memory; crop the target or use --image-size 512")
         return EXIT_FAILURE
+    except BrokenPipeError:
+        _silence_stdout()  # the reader closed the pipe (`proxyprompt models | head -1`): nothing left to say
+        return EXIT_FAILURE
+    except OutputWriteError as error:
+        _error_line(f"error: {error}")
+        return EXIT_FAILURE
+    except OSError as error:  # the environment: permissions, full disk, I/O errors outside the output write
+        where = f" ({error.filename})" if error.filename else ""
+        _error_line(f"error: {error.strerror or error}{where}")
+        return EXIT_FAILURE
+    except Exception as error:  # a bug: one line for the user, the trace in a file for the report
+        _error_line(f"internal error ({type(error).__name__}: {_first_line(error)}); full trace in "
+                    f"{_write_trace()}")
+        return EXIT_FAILURE
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else "no message"
+
+
+def _error_line(text: str) -> None:
+    """One line on stderr, whatever the locale's encoding."""
+    line = "proxyprompt: " + " ".join(text.split("\n"))
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (UnicodeEncodeError, ValueError, OSError):
+        try:
+            sys.stderr.write(line.encode("ascii", "backslashreplace").decode("ascii") + "\n")
+        except (ValueError, OSError):
+            pass
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # in-process callers (tests) have no real stdout
+
+
+def _write_trace() -> str:
+    """Write the current exception's trace to a log file; its path (or 'stderr' when no file could be made)."""
+    text = traceback.format_exc()
+    try:
+        descriptor, path = tempfile.mkstemp(prefix="proxyprompt-error-", suffix=".log")
+        with os.fdopen(descriptor, "w", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(f"proxyprompt {__version__}, argv {sys.argv!r}\n{text}")
+        return path
+    except OSError:
+        sys.stderr.write(text)
+        return "stderr (above)"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,9 +19,13 @@ log = logging.getLogger("proxyprompt")
 
 
 def find_data_dir(data=None) -> Path:
-    """The ACDC folder: --data, $PROXYPROMPT_DATA, or ../shared/data beside the repository."""
-    candidates = [data, os.environ.get("PROXYPROMPT_DATA"), Path(__file__).resolve().parents[3] / "shared" / "data",
-                  Path.cwd().parent / "shared" / "data"]
+    """The ACDC folder: --data (when given, only there), else $PROXYPROMPT_DATA, else ../shared/data beside the
+    repository."""
+    if data:
+        candidates = [data]
+    else:
+        candidates = [os.environ.get("PROXYPROMPT_DATA"), Path(__file__).resolve().parents[3] / "shared" / "data",
+                      Path.cwd().parent / "shared" / "data"]
     for candidate in candidates:
         if not candidate:
             continue
@@ -29,6 +33,8 @@ def find_data_dir(data=None) -> Path:
         for acdc in (folder / "acdc", folder):
             if (acdc / "labels.json").is_file():
                 return acdc
+    if data:
+        raise InputError(f"no ACDC data in --data {data} (a folder holding acdc/labels.json, or the acdc folder)")
     raise InputError("no ACDC data found: pass --data DIR (a folder holding acdc/ or the acdc folder itself)")
 
 
@@ -36,14 +42,17 @@ def run_demo(args) -> dict:
     from .cases import load_reference_case
     from .metrics import evaluate, format_evaluation
     from .progress import TqdmProgress
-    from .service import resolve_model_choice
+    from .service import RANDOM_WEIGHTS_NOTE, resolve_model_choice
     from .pipeline import Engine
     from .render import render_outlines
     from .volume import read_image, read_label, write_label
 
     acdc = find_data_dir(args.data)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the output folder {out}: {error.strerror or error}") from None
     reference = load_reference_case(acdc / f"{args.reference}_image.nii.gz", acdc / f"{args.reference}_label.nii.gz")
     target = read_image(acdc / f"{args.target}_image.nii.gz")
     truth, _ = read_label(acdc / f"{args.target}_label.nii.gz")
@@ -63,8 +72,9 @@ def run_demo(args) -> dict:
         progress.close()
 
     stem = f"{args.target}_from_{args.reference}"
-    seg_path = write_label(result.label, result.table, out / f"{stem}.seg.nrrd")
-    nii_path = write_label(result.label, result.table, out / f"{stem}.nii.gz")
+    note = RANDOM_WEIGHTS_NOTE if result.info["random_weights"] else ""
+    seg_path = write_label(result.label, result.table, out / f"{stem}.seg.nrrd", note=note)
+    nii_path = write_label(result.label, result.table, out / f"{stem}.nii.gz", note=note)
     report = evaluate(result.label, truth, label_table=result.table)
     title = f"{args.target} from {args.reference}: {generator} + {model}, mean Dice {report['mean_dice']:.3f}"
     png_path = render_outlines(target, result.label, result.table, out / f"{stem}.png", truth=truth, title=title)

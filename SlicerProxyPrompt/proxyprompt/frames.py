@@ -27,9 +27,40 @@ def slice_axis_of_spacing(spacing_xyz) -> int:
     return int(np.flatnonzero(spacing >= spacing.max() * 0.999)[-1])
 
 
+# A slice narrower than this (pixels) is not an image a model can read: a one-slice target cut across is
+# a stack of one-pixel lines. (Small on purpose: small crops such as MSD hippocampus stay sliceable.)
+MIN_SLICE_SIDE = 4
+
+
+def _slice_shape(volume: Volume, axis: int) -> Tuple[int, int]:
+    shape = volume.array.shape
+    return tuple(int(shape[a]) for a in range(3) if a != axis)
+
+
 def choose_slice_axis(volume: Volume) -> int:
-    """Array axis (0 = k, 1 = j, 2 = i) with the largest spacing (`slice_axis_of_spacing`)."""
-    return 2 - slice_axis_of_spacing(volume.spacing)
+    """Array axis (0 = k, 1 = j, 2 = i) chosen by `slice_axis_of_spacing`'s rule (largest spacing, 0.1 % ties to k)
+    among the axes whose slices are at least MIN_SLICE_SIDE pixels on each side."""
+    usable = [axis for axis in range(3) if min(_slice_shape(volume, axis)) >= MIN_SLICE_SIDE]
+    if not usable:
+        raise InputError(
+            f"the volume ({' x '.join(map(str, volume.size))} voxels) is too small to slice: every slicing axis "
+            f"gives slices under {MIN_SLICE_SIDE} pixels on a side"
+        )
+    spacing_kji = np.asarray(volume.spacing[::-1], dtype=float)
+    largest = max(spacing_kji[axis] for axis in usable)
+    return min(axis for axis in usable if spacing_kji[axis] >= largest * 0.999)
+
+
+def check_slice_axis(volume: Volume, axis: int) -> None:
+    """InputError when slicing along `axis` gives slices too small to segment."""
+    if axis not in (0, 1, 2):
+        raise InputError(f"slice axis must be 0, 1 or 2 (array axes k, j, i), got {axis}")
+    if min(_slice_shape(volume, axis)) < MIN_SLICE_SIDE:
+        raise InputError(
+            f"slicing axis {axis} of a {' x '.join(map(str, volume.size))}-voxel volume gives "
+            f"{' x '.join(map(str, _slice_shape(volume, axis)))}-pixel slices (at least {MIN_SLICE_SIDE} needed); "
+            f"choose another --slice-axis"
+        )
 
 
 def window_intensities(array: np.ndarray, percentiles: Tuple[float, float] = WINDOW_PERCENTILES) -> np.ndarray:
@@ -113,8 +144,7 @@ def make_slice_stack(
     percentiles: Tuple[float, float] = WINDOW_PERCENTILES,
 ) -> SliceStack:
     axis = choose_slice_axis(volume) if axis is None else int(axis)
-    if axis not in (0, 1, 2):
-        raise InputError(f"slice axis must be 0, 1 or 2 (array axes k, j, i), got {axis}")
+    check_slice_axis(volume, axis)
     windowed = window_intensities(volume.array, percentiles)
     images = np.ascontiguousarray(to_slices(windowed, axis))
     spacing_kji = volume.spacing[::-1]

@@ -123,11 +123,6 @@ def _label_name(label_table, value: int) -> str:
     return default_label_info(value).name
 
 
-def _grid_text(volume: Volume) -> str:
-    direction = tuple(round(float(c), 4) for c in volume.direction.ravel())
-    return f"{volume.describe_grid()}, direction {direction}"
-
-
 def evaluate(
     prediction: Volume,
     truth: Volume,
@@ -145,7 +140,7 @@ def evaluate(
     if not prediction.same_grid(truth):
         raise InputError(
             "prediction and truth are not on the same grid: "
-            f"prediction {_grid_text(prediction)}; truth {_grid_text(truth)}"
+            f"prediction {prediction.describe_grid()}; truth {truth.describe_grid()}"
         )
     if labels is None:
         values: Sequence[int] = [int(v) for v in np.unique(truth.array) if v != 0]
@@ -174,5 +169,6 @@ def format_evaluation(report: dict) -> str:
         hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
         dv = "-" if row["volume_difference_ml"] is None else f"{row['volume_difference_ml']:.1f}"
         lines.append(f"{value:>5}  {row['name'][:22]:<22} {row['dice']:6.3f} {hd:>8} {dv:>8}")
-    lines.append(f"{'':>5}  {'mean':<22} {report['mean_dice']:6.3f}")
+    mean = report["mean_dice"]
+    lines.append(f"{'':>5}  {'mean':<22} {'-' if mean is None else format(mean, '6.3f'):>6}")
     return "\n".join(lines)

@@ -234,8 +234,9 @@ class Engine:
         if cleanup:
             label_stack = keep_largest_components(label_stack, label_values)
         if correction_plan is not None:
-            for frame in correction_plan.frames:
-                label_stack[frame] = correction_plan.labels[frame]
+            for frame in correction_plan.frames:  # copied unchanged, less the labels not asked for (--labels)
+                corrected = correction_plan.labels[frame]
+                label_stack[frame] = np.where(np.isin(corrected, label_values), corrected, 0)
         label_volume = frames.to_volume(label_stack)
         probability_volumes = None
         if return_probabilities:

@@ -100,6 +100,10 @@ def resolve_model_choice(model: Optional[str], generator: Optional[str]) -> Tupl
 
 
 # --- the job ------------------------------------------------------------------------------------
+# Written into every output made with random weights (NIfTI descrip holds 80 characters).
+RANDOM_WEIGHTS_NOTE = "ProxyPrompt: RANDOM model weights, a pipeline test, not a segmentation"
+
+
 class EngineSession:
     """Keeps one built Engine (model + cached target features) across requests."""
 
@@ -121,7 +125,9 @@ class EngineSession:
 
     def segment(self, request: SegmentRequest, progress: Optional[ProgressCallback] = None, cancel=None) -> dict:
         """Read the files, run the engine, write the output atomically; returns the summary the CLI prints."""
+        from .atomic import refuse_overwriting_inputs
         from .cases import load_reference_case
+        from .integrity import check_intensities
         from .pipeline import MAX_TARGET_VOXELS
         from .volume import check_output_path, read_image, read_label, write_label
 
@@ -134,12 +140,15 @@ class EngineSession:
         if not request.reference_images:
             raise InputError("at least one reference case is needed")
         output = check_output_path(request.output)
+        refuse_overwriting_inputs(output, [*request.reference_images, *request.reference_labels, request.target,
+                                           request.corrections, request.label_table])
         report(progress, "read", 0, len(request.reference_images) + 1)
         references = []
         for index, (image, label) in enumerate(zip(request.reference_images, request.reference_labels)):
             references.append(load_reference_case(image, label, request.label_table))
             report(progress, "read", index + 1, len(request.reference_images) + 1)
         target = read_image(request.target, max_voxels=MAX_TARGET_VOXELS)
+        check_intensities(target.array, f"target {request.target}")
         report(progress, "read", len(request.reference_images) + 1, len(request.reference_images) + 1)
         corrections = None
         if request.corrections:
@@ -162,7 +171,8 @@ class EngineSession:
         check_cancel(cancel)
         tick = time.perf_counter()
         report(progress, "write", 0, 1)
-        write_label(result.label, result.table, output)
+        write_label(result.label, result.table, output,
+                    note=RANDOM_WEIGHTS_NOTE if result.info["random_weights"] else "")
         report(progress, "write", 1, 1)
         seconds: Dict[str, float] = dict(result.timings)
         seconds["read"] = read_seconds

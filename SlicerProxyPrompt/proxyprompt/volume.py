@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -22,7 +21,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write, check_output_folder
 from .errors import InputError
+from .integrity import check_file_complete, check_slice_positions
 
 # diag(-1, -1, 1, 1): LPS <-> RAS. It is its own inverse.
 _LPS_RAS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -64,6 +65,8 @@ class Volume:
         matrix = np.asarray(self.ijk_to_lps, dtype=float)
         if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]):
             raise ValueError("ijk_to_lps must be a 4x4 affine matrix")
+        if not np.all(np.isfinite(matrix)):
+            raise InputError("the volume's geometry (spacing, origin or direction) holds NaN or Inf")
         if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
             raise InputError("the volume's index-to-physical matrix is singular (zero spacing?)")
         object.__setattr__(self, "array", _read_only(self.array))
@@ -121,7 +124,8 @@ class Volume:
     def describe_grid(self) -> str:
         return (
             f"size {self.size}, spacing {tuple(round(s, 4) for s in self.spacing)}, "
-            f"origin {tuple(round(o, 3) for o in self.origin)}"
+            f"origin {tuple(round(o, 3) for o in self.origin)}, "
+            f"direction {tuple(round(float(c), 4) + 0.0 for c in self.direction.ravel())}"
         )
 
     # --- SimpleITK bridge -----------------------------------------------------------------------
@@ -180,37 +184,67 @@ def read_label_table(path) -> LabelTable:
     JSON: ``{"1": "right ventricle", ...}`` or ``{"1": {"name": ..., "color": [r, g, b]}, ...}``
     (colours in 0..1 or 0..255). Colour table: lines ``value name r g b a`` (0..255).
     """
-    path = Path(path)
+    path = checked_path(path)
     if not path.is_file():
         raise InputError(f"label table not found: {path}")
     table: LabelTable = {}
     try:
         if path.suffix.lower() == ".json":
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise InputError(f"label table {path} must be a JSON object "
+                                 f'{{"<value>": "<name>" or {{"name": ..., "color": [r, g, b]}}}}, not a {_json_kind(raw)}')
             for key, entry in raw.items():
-                value = int(key)
+                value = _label_value(key, path)
                 if isinstance(entry, str):
                     table[value] = LabelInfo(entry, default_label_info(value).color)
-                else:
+                elif isinstance(entry, dict) and "name" in entry:
                     color = entry.get("color") or default_label_info(value).color
                     table[value] = LabelInfo(str(entry["name"]), _normalise_color(color))
+                else:
+                    raise InputError(f"label table {path}: the entry of label {key} must be a name or an object "
+                                     f"with a name, not a {_json_kind(entry)}")
         else:
             for line in path.read_text().splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
                 parts = line.split()
-                value = int(parts[0])
+                value = _label_value(parts[0], path)
                 if value == 0:
                     continue  # background
                 table[value] = LabelInfo(parts[1], _normalise_color([float(c) for c in parts[2:5]]))
+    except InputError:
+        raise
     except (ValueError, KeyError, IndexError, TypeError) as error:
-        raise InputError(f"cannot read label table {path}: {error}") from error
+        raise InputError(f"cannot read label table {path}: {error}") from None
+    except OSError as error:
+        raise InputError(f"cannot read label table {path}: {error.strerror or error}") from None
     return table
 
 
+# Label values are stored as uint16 (NIfTI / NRRD outputs, the engine's label stacks).
+MAX_LABEL_VALUE = 65535
+
+
+def _label_value(text, path) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_LABEL_VALUE:
+        raise InputError(f"label table {path}: label value {value} is outside 0..{MAX_LABEL_VALUE}")
+    return value
+
+
+def _json_kind(value) -> str:
+    return {list: "list", dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
 def _normalise_color(color) -> Tuple[float, float, float]:
+    if not isinstance(color, (list, tuple)) or len(color) < 3:
+        raise ValueError(f"a colour is three numbers, got {color!r}")
     rgb = [float(c) for c in list(color)[:3]]
+    if not all(np.isfinite(rgb)) or min(rgb) < 0:
+        raise ValueError(f"a colour is three numbers in 0..1 or 0..255, got {color!r}")
     if max(rgb) > 1.0:
         rgb = [c / 255.0 for c in rgb]
     return (rgb[0], rgb[1], rgb[2])
@@ -222,6 +256,17 @@ def write_label_table(table: LabelTable, path) -> None:
 
 
 # --- reading ------------------------------------------------------------------------------------
+def checked_path(path) -> Path:
+    """`path` as a Path, refused when it cannot be passed to SimpleITK: a name that is not valid UTF-8 (bytes
+    decoded under a C locale) makes its C++ layer abort the process."""
+    path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"path {str(path)!r} is not valid UTF-8; rename it (or run under a UTF-8 locale)") from None
+    return path
+
+
 def _is_seg_nrrd(path: Path) -> bool:
     return path.name.lower().endswith(".seg.nrrd")
 
@@ -244,7 +289,7 @@ def read_image(path, max_voxels: Optional[int] = MAX_VOXELS) -> Volume:
 
     The header is read first, and volumes over `max_voxels` are refused before their voxels are loaded.
     """
-    path = Path(path)
+    path = checked_path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}")
     try:
@@ -256,10 +301,12 @@ def read_image(path, max_voxels: Optional[int] = MAX_VOXELS) -> Volume:
             if len(series) > 1:
                 raise InputError(f"{len(series)} DICOM series in {path}; point to a folder with one series")
             files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            _check_dicom_spacing(files, path)
             reader.SetFileNames(files)
             image = reader.Execute()
             _check_voxel_count(path, image.GetSize(), max_voxels)
         else:
+            check_file_complete(path)  # ITK zero-fills short or corrupt data and reports success
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()  # header only: refuse oversized volumes before loading them
@@ -267,7 +314,9 @@ def read_image(path, max_voxels: Optional[int] = MAX_VOXELS) -> Volume:
             image = reader.Execute()
     except RuntimeError as error:
         reason = str(error).strip().splitlines()
-        raise InputError(f"cannot read {path}: {reason[-1] if reason else 'unknown error'}") from error
+        raise InputError(f"cannot read {path}: {reason[-1] if reason else 'unknown error'}") from None
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() == 2 or (image.GetDimension() == 3 and min(image.GetSize()) < 1):
@@ -280,6 +329,28 @@ def read_image(path, max_voxels: Optional[int] = MAX_VOXELS) -> Volume:
         raise InputError(f"{path}: {error}") from None
 
 
+def _check_dicom_spacing(files, folder) -> None:
+    """Slice positions along the slice normal (ImagePositionPatient . normal of ImageOrientationPatient) must be
+    evenly spaced: ITK would put the slices of a series with a gap onto a uniform grid."""
+    positions = []
+    reader = sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        if not (reader.HasMetaDataKey("0020|0032") and reader.HasMetaDataKey("0020|0037")):
+            return  # no positions to check (not a tomographic series)
+        try:
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            orientation = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        except ValueError:
+            return
+        if len(position) != 3 or len(orientation) != 6:
+            return
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append(float(np.dot(normal, position)))
+    check_slice_positions(positions, files, folder)
+
+
 def read_label(path, label_table_path=None) -> Tuple[Volume, LabelTable]:
     """Read a label map and its label table.
 
@@ -287,7 +358,7 @@ def read_label(path, label_table_path=None) -> Tuple[Volume, LabelTable]:
     Other formats: an integer image; the table comes from `label_table_path`, else from a
     ``labels.json`` beside the file, else default names ("label N").
     """
-    path = Path(path)
+    path = checked_path(path)
     if not path.exists():
         raise InputError(f"file not found: {path}")
     if _is_seg_nrrd(path):
@@ -298,6 +369,9 @@ def read_label(path, label_table_path=None) -> Tuple[Volume, LabelTable]:
             values = volume.array
             if not np.all(np.equal(np.mod(values, 1), 0)):
                 raise InputError(f"{path} is not a label map (non-integer values)")
+            if values.size and values.max() > MAX_LABEL_VALUE:
+                raise InputError(f"{path} has label values up to {values.max():.0f}; at most {MAX_LABEL_VALUE} "
+                                 "are supported")
             volume = volume.with_array(values.astype(np.int32))
         if volume.array.min() < 0:
             raise InputError(f"{path} has negative label values")
@@ -307,6 +381,9 @@ def read_label(path, label_table_path=None) -> Tuple[Volume, LabelTable]:
             label_table_path = sidecar
         if label_table_path is not None:
             table = read_label_table(label_table_path)
+    if volume.array.size and volume.array.max() > MAX_LABEL_VALUE:
+        raise InputError(f"{path} has label values up to {int(volume.array.max())}; at most {MAX_LABEL_VALUE} "
+                         "are supported")
     if label_table_path is not None and _is_seg_nrrd(path):
         table.update(read_label_table(label_table_path))
     present = [int(v) for v in np.unique(volume.array) if v != 0]
@@ -316,6 +393,7 @@ def read_label(path, label_table_path=None) -> Tuple[Volume, LabelTable]:
 def _read_seg_nrrd(path: Path) -> Tuple[Volume, LabelTable]:
     import slicerio
 
+    check_file_complete(path)
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as error:  # slicerio/pynrrd raise many types for broken files
@@ -347,56 +425,81 @@ def _segment_info(segment: dict, value: int) -> LabelInfo:
     return LabelInfo(str(segment.get("name") or f"label {value}"), _normalise_color(color))
 
 
-# --- writing (atomic: a failed write leaves nothing behind) -------------------------------------
+# --- writing (atomic and verified: a failed write leaves nothing behind) ---------------------------
 def check_output_path(path, suffixes=LABEL_OUTPUT_SUFFIXES) -> Path:
-    """Validate an output path before any work is done."""
-    path = Path(path)
+    """Validate an output path before any work is done (suffix, folder, name length, writable)."""
+    path = checked_path(path)
     if not any(path.name.lower().endswith(s) for s in suffixes):
         raise InputError(f"output {path} must end with one of {', '.join(suffixes)}")
-    if not path.parent.exists() and str(path.parent) not in ("", "."):
-        raise InputError(f"output folder does not exist: {path.parent}")
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder")
+    check_output_folder(path)
     return path
 
 
-def _full_suffix(path: Path) -> str:
-    name = path.name.lower()
-    for suffix in (".seg.nrrd", ".nii.gz"):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix
+# Where an output says how it was made (e.g. with random weights): NIfTI's 80-character `descrip` field
+# (ITK's "ITK_FileNotes"), a key:=value field in NRRD and .seg.nrrd headers.
+NIFTI_NOTE_KEY = "ITK_FileNotes"
+NRRD_NOTE_KEY = "ProxyPrompt_note"
 
 
-def atomic_write(path, write_function) -> Path:
-    """Call ``write_function(temporary_path)`` then move the result onto `path` in one step."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=".partial-", suffix=_full_suffix(path), dir=path.parent or ".")
-    os.close(descriptor)
-    try:
-        write_function(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
-
-
-def write_image(volume: Volume, path) -> Path:
-    return atomic_write(path, lambda tmp: sitk.WriteImage(volume.to_sitk(), tmp, True))
-
-
-def write_label(volume: Volume, table: LabelTable, path) -> Path:
-    """Write a label map as NIfTI / NRRD, or as a Slicer ``.seg.nrrd`` with names and colours."""
-    path = Path(path)
-    labels = volume.with_array(volume.array.astype(np.uint8 if volume.array.max(initial=0) < 256 else np.uint16))
+def read_output_note(path) -> str:
+    """The note `write_label(..., note=...)` stored in a file ("" when none)."""
+    path = checked_path(path)
     if _is_seg_nrrd(path):
-        return atomic_write(path, lambda tmp: _write_seg_nrrd(labels, table, tmp))
-    return write_image(labels, path)
+        import slicerio
+
+        return str(slicerio.read_segmentation(str(path), skip_voxels=True).get(NRRD_NOTE_KEY, ""))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    for key in (NRRD_NOTE_KEY, "descrip"):
+        if reader.HasMetaDataKey(key):
+            return reader.GetMetaData(key).strip()
+    return ""
 
 
-def _write_seg_nrrd(volume: Volume, table: LabelTable, path) -> None:
+def _verify_written(volume: Volume, seg_nrrd: bool):
+    """A check of a just-written file: complete stream, and the array and grid read back are what was written."""
+
+    def verify(temporary: str) -> None:
+        check_file_complete(temporary)
+        if seg_nrrd:
+            again, _ = _read_seg_nrrd(Path(temporary))
+        else:
+            try:
+                again = Volume.from_sitk(sitk.ReadImage(temporary))
+            except RuntimeError as error:
+                raise InputError(str(error).strip().splitlines()[-1]) from None
+        if again.array.shape != volume.array.shape or not np.array_equal(
+                again.array, volume.array, equal_nan=np.issubdtype(volume.array.dtype, np.floating)):
+            raise InputError(f"the voxels read back differ from those written ({again.array.shape} vs "
+                             f"{volume.array.shape})")
+        if not again.same_grid(volume, tolerance=1e-3):
+            raise InputError("the grid read back differs from the one written")
+
+    return verify
+
+
+def write_image(volume: Volume, path, note: str = "") -> Path:
+    image = volume.to_sitk()
+    if note:
+        image.SetMetaData(NIFTI_NOTE_KEY if ".nii" in Path(path).name.lower() else NRRD_NOTE_KEY, note)
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), _verify_written(volume, False))
+
+
+def write_label(volume: Volume, table: LabelTable, path, note: str = "") -> Path:
+    """Write a label map as NIfTI / NRRD, or as a Slicer ``.seg.nrrd`` with names and colours. `note` (e.g. that
+    the model had random weights) goes into the file's header (`read_output_note`)."""
+    path = checked_path(path)
+    largest = int(volume.array.max(initial=0))
+    if largest > MAX_LABEL_VALUE or volume.array.min(initial=0) < 0:
+        raise InputError(f"label values must be in 0..{MAX_LABEL_VALUE} to be written, got up to {largest}")
+    labels = volume.with_array(volume.array.astype(np.uint8 if largest < 256 else np.uint16))
+    if _is_seg_nrrd(path):
+        return atomic_write(path, lambda tmp: _write_seg_nrrd(labels, table, tmp, note), _verify_written(labels, True))
+    return write_image(labels, path, note)
+
+
+def _write_seg_nrrd(volume: Volume, table: LabelTable, path, note: str = "") -> None:
     import slicerio
 
     present = sorted(int(v) for v in np.unique(volume.array) if v != 0)
@@ -414,4 +517,6 @@ def _write_seg_nrrd(volume: Volume, table: LabelTable, path) -> None:
         "masterRepresentation": "Binary labelmap",
         "segments": segments,
     }
+    if note:
+        segmentation[NRRD_NOTE_KEY] = note
     slicerio.write_segmentation(str(path), segmentation)

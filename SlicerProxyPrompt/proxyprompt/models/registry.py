@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from ..errors import DownloadError, InputError
+from ..errors import CheckpointError, DownloadError, InputError
 
 FAMILIES = ("sam2", "sam", "litemedsam", "none", "random")
 
@@ -318,7 +318,7 @@ def verify_file(path: Union[str, Path], spec: Union[str, ModelSpec], use_cache: 
     Checks the pinned size (cheap, first), then the SHA-256 against the pinned digest or the
     trust-on-first-use sidecar; with neither, only the size is checked (the digest is still returned).
     ``use_cache=False`` forces a full hash even if this exact file was verified before.
-    Raises `DownloadError` on any mismatch, `InputError` if the file does not exist.
+    Raises `CheckpointError` (a `DownloadError`) on any mismatch, `InputError` if the file does not exist.
     """
     spec = get_model_spec(spec)
     path = Path(path)
@@ -326,7 +326,7 @@ def verify_file(path: Union[str, Path], spec: Union[str, ModelSpec], use_cache: 
         raise InputError(f"checkpoint not found: {path}")
     size = path.stat().st_size
     if spec.size_bytes is not None and size != spec.size_bytes:
-        raise DownloadError(
+        raise CheckpointError(
             f"{path} is {size:,} bytes but {spec.name} is {spec.size_bytes:,} bytes "
             "(incomplete or a different file)"
         )
@@ -335,7 +335,7 @@ def verify_file(path: Union[str, Path], spec: Union[str, ModelSpec], use_cache: 
     if digest is None:
         digest = sha256_file(path)
     if expected is not None and digest != expected:
-        raise DownloadError(
+        raise CheckpointError(
             f"{path} failed its checksum: SHA-256 {digest}, expected {expected} ({source}); "
             "the file is corrupt or not the official one"
         )

@@ -40,9 +40,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..contract import FeatureGrid, ModelCapabilities, PixelFeatures, PromptEmbedding
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..progress import check_cancel, report
 from .base import SliceModel, autocast, select_device, select_precision
+from .checkpoint_file import load_into, read_state_dict
 
 log = logging.getLogger("proxyprompt")
 
@@ -293,11 +294,9 @@ def build_predictor(config: str, checkpoint: Optional[Path], device: str, image_
         torch.manual_seed(seed)
         model = instantiate(cfg.model, _recursive_=True)
     if checkpoint is not None:
-        loaded = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-        state_dict = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = load_into(model, read_state_dict(checkpoint), checkpoint, strict=False)
         if missing or unexpected:
-            raise InputError(
+            raise CheckpointError(
                 f"checkpoint {checkpoint} does not fit {config}: {len(missing)} missing, "
                 f"{len(unexpected)} unexpected keys (e.g. {(list(missing) + list(unexpected))[:3]})"
             )

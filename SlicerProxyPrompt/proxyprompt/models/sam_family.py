@@ -25,6 +25,7 @@ from ..contract import FeatureGrid, ModelCapabilities, PixelFeatures, PromptEmbe
 from ..errors import InputError
 from ..progress import check_cancel, report
 from .base import SliceModel, autocast, select_device, select_precision
+from .checkpoint_file import load_into, read_state_dict
 
 log = logging.getLogger("proxyprompt")
 
@@ -91,12 +92,7 @@ class SamFamilyModel(SliceModel):
         else:
             net = self._build_sam(self._sam_variant(spec), size)
         if path is not None:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
-            elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-            net.load_state_dict(state, strict=True)
+            load_into(net, read_state_dict(path), path, strict=True)
             self.checkpoint_path = str(path)
         self.net = net.to(self.device).eval()
         self._last_key: Optional[str] = None
