@@ -239,12 +239,13 @@ def _bad_inputs(scene, pair):
         "is 2D": (reference, reference_segmentation, flat, {}),
         "is the reference volume": (reference, reference_segmentation, reference, {}),
         "under the transform": (reference, reference_segmentation, moved, {}),
-        "unknown option": (reference, reference_segmentation, target_volume, {"options": {"bogus": 1}}),
+        "unknown request field": (reference, reference_segmentation, target_volume, {"options": {"bogus": 1}}),
+        "set by the Logic": (reference, reference_segmentation, target_volume, {"options": {"target": "x.nrrd"}}),
     }
 
 
 @pytest.mark.parametrize("reason", ["has no segments", "is empty", "does not exist", "is 2D", "is the reference volume",
-                                    "under the transform", "unknown option"])
+                                    "under the transform", "unknown request field", "set by the Logic"])
 def test_bad_inputs_give_a_one_line_reason_and_leave_the_scene_unchanged(logic, scene, acdc_small_pair, reason):
     reference, segmentation, target, extra = _bad_inputs(scene, acdc_small_pair)[reason]
     before = scene_state(scene)
