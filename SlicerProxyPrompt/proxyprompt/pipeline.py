@@ -227,6 +227,7 @@ class Engine:
             "labels": label_values,
             "corrected_slices": correction_plan.frames if correction_plan else [],
             "notes": list(plan.notes),
+            "quality": dict(plan.quality),
         }
         if self.model is not None:
             info["encoder_calls"] = self.model.encoder_calls

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import InputError
 from .progress import ProgressCallback, check_cancel, report
+from .quality import LOW_QUALITY_PREFIX
 
 log = logging.getLogger("proxyprompt")
 
@@ -179,10 +180,12 @@ class EngineSession:
             "corrected_slices": result.info["corrected_slices"],
             "references": len(references),
             "notes": result.info["notes"],
+            # label value (JSON key: text) -> {"score", evidence...}; a warning is in the notes when a score is low
+            "quality": {str(v): q for v, q in result.info.get("quality", {}).items()},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
         if "encoder_calls" in result.info:
             summary["encoder_calls"] = result.info["encoder_calls"]
         for note in result.info["notes"]:  # what the generator did (which slices it matched, how well): the user checks
-            log.info("%s", note)
+            (log.warning if note.startswith(LOW_QUALITY_PREFIX) else log.info)("%s", note)
         return summary

@@ -55,6 +55,8 @@ class PromptPlan:
     support_top_k: int = 4
     start_frame: Optional[int] = None
     notes: List[str] = field(default_factory=list)
+    # label value -> per-structure quality estimate ({"score": ..., evidence...}; proxyprompt.quality), if known
+    quality: Dict[int, dict] = field(default_factory=dict)
 
     @property
     def labels(self) -> List[int]:

@@ -49,7 +49,11 @@ class RegistrationGenerator(Generator):
     needs_training = False
 
     def plan(self, context: GeneratorContext) -> PromptPlan:
+        from functools import partial
+
+        from ..quality import quality_warnings
         from ..registration import segment_by_registration
+        from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choice, register_robust
 
         options = context.options
         pairs = [(reference.image, reference.label) for reference in context.references]
@@ -59,6 +63,10 @@ class RegistrationGenerator(Generator):
             report(progress, "register", int(round(100 * fraction)), 100, message)
 
         method = options.get("registration_method") or default_registration_method(context.model)
+        # several registration pipelines per reference, one kept by label-free evidence (registration_candidates);
+        # option "registration_candidates": which ones (default all; ["locate"] = the cardiac-tuned pipeline alone)
+        candidates = tuple(options.get("registration_candidates") or CANDIDATES)
+        register = partial(register_robust, candidates=candidates) if method in ROBUST_METHODS else None
         fused, info = segment_by_registration(
             pairs,
             context.target_image,
@@ -68,10 +76,18 @@ class RegistrationGenerator(Generator):
             cleanup=True,
             cancel=context.cancel,
             progress=on_fraction,
+            register=register,
         )
         label_stack = context.target_frames.labels(fused)
         plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels))
         plan.notes.append(
             f"registration ({method}) of {len(pairs)} reference(s)"
         )
+        for index in info["chosen"]:
+            reference_info = info["reference_info"][index]
+            if "candidates" in reference_info:
+                plan.notes.append(f"reference {index + 1}: {describe_choice(reference_info)}")
+        plan.quality = info["quality"]
+        names = {v: context.references[0].table[v].name for v in context.labels if v in context.references[0].table}
+        plan.notes.extend(quality_warnings(plan.quality, names))
         return plan
