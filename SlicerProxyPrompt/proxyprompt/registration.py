@@ -837,10 +837,13 @@ def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top
     _check_fusion_arguments(fusion, top_k)
     order = rank_references(results, select)
     chosen = order[:top_k] if top_k is not None else order
-    fused = fuse_labels(
-        [results[i].label for i in chosen], fusion,
-        [results[i].probabilities for i in chosen] if fusion == "mean" else None,
-    )
+    if any("known" in results[i].info for i in chosen):
+        fused = _fuse_known(results, chosen)
+    else:
+        fused = fuse_labels(
+            [results[i].label for i in chosen], fusion,
+            [results[i].probabilities for i in chosen] if fusion == "mean" else None,
+        )
     if cleanup:
         fused = keep_largest_component(fused)
     values = sorted({v for i in chosen for v in results[i].probabilities})
@@ -850,6 +853,29 @@ def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top
         for v in values
     }
     return fused, {"chosen": chosen, "probabilities": mean_probabilities}
+
+
+def _fuse_known(results: Sequence[RegisteredCase], chosen: Sequence[int]) -> Volume:
+    """Mean of the soft labels weighted by each reference's known mask (`proxyprompt.sparse`): where a sparse
+    reference knows nothing it casts no vote; where no chosen reference knows anything the result is 0."""
+    shape = results[chosen[0]].label.array.shape
+    weight = np.zeros(shape, dtype=np.float32)
+    values = sorted({v for i in chosen for v in results[i].probabilities})
+    summed = {v: np.zeros(shape, dtype=np.float32) for v in values}
+    for i in chosen:
+        known = results[i].info.get("known")
+        known = np.ones(shape, dtype=np.float32) if known is None else known
+        weight += known
+        for v, p in results[i].probabilities.items():
+            summed[v] += known * p
+    informed = weight >= 0.5
+    fused = {v: np.where(informed, summed[v] / np.maximum(weight, 1e-6), 0.0).astype(np.float32) for v in values}
+    return results[chosen[0]].label.with_array(labels_from_probabilities(fused, shape))
+
+
+def warp_known(known: Volume, target_image: Volume, transform: sitk.Transform) -> np.ndarray:
+    """A sparse reference's known mask warped onto the target's grid (float32 in [0, 1])."""
+    return _warp_labels(known, target_image.to_sitk(), transform, [1])[1]
 
 
 def fused_quality(results: Sequence[RegisteredCase], chosen: Sequence[int], fused: Volume) -> Dict[int, dict]:
@@ -874,12 +900,14 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
                             cleanup: bool = True, cancel=None,
                             progress: Optional[Callable[[float, str], None]] = None,
                             settings: RegistrationSettings = DEFAULT_SETTINGS,
-                            select: str = "agreement", register: Optional[Callable[..., RegisteredCase]] = None
-                            ) -> Tuple[Volume, dict]:
+                            select: str = "agreement", register: Optional[Callable[..., RegisteredCase]] = None,
+                            known: Optional[Sequence[Optional[Volume]]] = None) -> Tuple[Volume, dict]:
     """Register every reference (image, label) to the target and fuse the `top_k` best.
 
     ``register``: the one-pair registration, called as ``register(image, label, target, method, cancel,
     settings)`` (default `register_case`; `registration_candidates.register_robust` runs several pipelines).
+    ``known``: per reference, None (dense) or its known mask (`proxyprompt.sparse`): warped with the labels, and
+    the fusion counts a reference only where it is known.
     Returns the label on the target's grid and an info dict: ``similarity`` (per reference, input
     order), ``chosen`` (indices of the fused references, best first), ``seconds``,
     ``seconds_per_reference``, ``method``, ``fusion``, ``probabilities`` (mean soft maps of the chosen),
@@ -898,6 +926,8 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
         if progress is not None:
             progress(index / (len(references) + 1), f"registering reference {index + 1} of {len(references)}")
         results.append(register(image, label, target_image, method, cancel, settings))
+        if known is not None and known[index] is not None:
+            results[-1].info["known"] = warp_known(known[index], target_image, results[-1].transform)
     check_cancel(cancel)
     if progress is not None:
         progress(len(references) / (len(references) + 1), f"fusing label maps ({fusion})")

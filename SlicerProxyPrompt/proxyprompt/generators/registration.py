@@ -42,6 +42,17 @@ def default_registration_method(model) -> str:
     return "intensity" if model is None else "deformable"
 
 
+def annotated_slices_for(options: dict, index: int):
+    """Option "annotated_slices": None (slices with any label), one list for every reference, or one list (or
+    None) per reference."""
+    annotated = options.get("annotated_slices")
+    if annotated is None or not len(annotated):
+        return None
+    if all(isinstance(entry, (list, tuple)) or entry is None for entry in annotated):
+        return annotated[index] if index < len(annotated) else None
+    return [int(n) for n in annotated]
+
+
 @register_generator
 class RegistrationGenerator(Generator):
     name = "registration"
@@ -54,9 +65,17 @@ class RegistrationGenerator(Generator):
         from ..quality import quality_warnings
         from ..registration import segment_by_registration
         from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choice, register_robust
+        from ..sparse import prepare_reference
 
         options = context.options
-        pairs = [(reference.image, reference.label) for reference in context.references]
+        pairs, known, sparse_notes = [], [], []
+        for index, reference in enumerate(context.references):
+            # sparse references: unannotated slices are unknown, never background (proxyprompt.sparse)
+            label, known_mask, note = prepare_reference(reference.label, annotated_slices_for(options, index))
+            pairs.append((reference.image, label))
+            known.append(known_mask)
+            if note:
+                sparse_notes.append(f"reference {index + 1}: {note}")
         progress = context.progress
 
         def on_fraction(fraction, message=""):
@@ -77,12 +96,14 @@ class RegistrationGenerator(Generator):
             cancel=context.cancel,
             progress=on_fraction,
             register=register,
+            known=known,
         )
         label_stack = context.target_frames.labels(fused)
         plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels))
         plan.notes.append(
             f"registration ({method}) of {len(pairs)} reference(s)"
         )
+        plan.notes.extend(sparse_notes)
         for index in info["chosen"]:
             reference_info = info["reference_info"][index]
             if "candidates" in reference_info:
