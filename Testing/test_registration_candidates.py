@@ -66,15 +66,15 @@ def test_the_chosen_candidate_is_the_better_one_where_the_locate_search_fails():
     built, evidence = build_candidates(reference_image, reference_label, target_image)
     scores = {c.name: np.mean([dice(c.label == v, truth == v) for v in (1, 2)]) for c in built}
     chosen = built[choose_candidate(evidence)].name
-    assert scores[chosen] == max(scores.values()) or scores[chosen] > max(scores.values()) - 0.02
+    assert scores[chosen] > max(scores.values()) - 0.02
     assert scores[chosen] > scores["locate"] + 0.2, scores  # the locate-first pipeline alone would have failed
 
 
 def test_choice_prefers_agreement_and_similarity_and_breaks_ties_to_the_earlier():
     evidence = [
-        {"name": "a", "ncc": 0.2, "agreement": 0.3},  # an outlier: agrees with no one, matches poorly
-        {"name": "b", "ncc": 0.7, "agreement": 0.9},
-        {"name": "c", "ncc": 0.7, "agreement": 0.9},
+        {"name": "a", "ncc_own": 0.2, "agreement": 0.3},  # an outlier: agrees with no one, matches poorly
+        {"name": "b", "ncc_own": 0.7, "agreement": 0.9},
+        {"name": "c", "ncc_own": 0.7, "agreement": 0.9},
     ]
     assert choose_candidate(evidence) == 1
 

@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--section", default=None, help="section name in docs/benchmarks.md (default: the folder)")
     parser.add_argument("--json", type=Path, help="also write the per-pair rows here")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--calibration", action="store_true",
+                        help="also run the intensity stage on every candidate (per-pair JSON, to choose settings)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
                 continue
             candidate_dice = {c.name: per_label_dice(c.label, truth, values) for c in built}
             candidate_dice_em, separability = {}, {}
-            for c in built:
+            for c in (built if args.calibration else []):
                 with fixed_threads():
                     refined, _ = refine_by_intensity(target_image, c.probabilities, DEFAULT_SETTINGS.intensity)
                 candidate_dice_em[c.name] = per_label_dice(refined, truth, values)
