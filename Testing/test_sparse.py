@@ -81,3 +81,11 @@ def test_a_sparse_reference_segments_the_slices_between_its_annotations():
     assert result.label.same_grid(target)
     present = np.flatnonzero(result.label.array.reshape(result.label.array.shape[0], -1).any(axis=1))
     assert len(present) > 3  # the slices between the annotations were segmented too
+
+
+def test_the_command_line_passes_the_annotated_slices_to_the_engine():
+    from proxyprompt.cli import build_parser, request_from_args
+
+    args = build_parser().parse_args(["segment", "--reference-image", "r.nii.gz", "--reference-label", "l.nii.gz",
+                                      "--target", "t.nii.gz", "--output", "o.nii.gz", "--annotated-slices", "2,5,8"])
+    assert request_from_args(args).annotated_slices == [2, 5, 8]

@@ -69,8 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which slices of --corrections were corrected (default: every non-empty slice)")
     seg.add_argument("--registration-method",
                      choices=["copy", "centred", "located", "affine", "deformable", "intensity"],
-                     help="registration stages (default: intensity = locate, affine, demons, intensity EM with "
-                          "--model none; deformable = without the EM as a model's prior)")
+                     help="registration stages (default: intensity = several registration pipelines, the best by "
+                          "label-free evidence, then the intensity EM where the target's contrast shows the "
+                          "structures, with --model none; deformable = without the EM as a model's prior)")
+    seg.add_argument("--annotated-slices", type=_int_list,
+                     help="sparse reference: the slices (along its acquisition axis) that were annotated; the others "
+                          "are unknown, not background (default: the slices that hold any label)")
     seg.add_argument("--fusion", default="vote", choices=["vote", "staple", "mean"],
                      help="label fusion of several references (mean: of the soft warped maps)")
     seg.add_argument("--top-k", type=int,
@@ -112,7 +116,7 @@ def request_from_args(args) -> "SegmentRequest":
         model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
         precision=args.precision, labels=args.labels, slice_axis=args.slice_axis, corrections=args.corrections,
         corrected_slices=args.corrected_slices, registration_method=args.registration_method, fusion=args.fusion,
-        top_k=args.top_k, cleanup=not args.no_cleanup,
+        top_k=args.top_k, cleanup=not args.no_cleanup, annotated_slices=args.annotated_slices,
     )
 
 

@@ -47,6 +47,7 @@ class SegmentRequest:
     fusion: str = "vote"
     top_k: Optional[int] = None
     cleanup: bool = True
+    annotated_slices: Optional[List[int]] = None  # sparse references: the annotated slices (others unknown)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SegmentRequest":
@@ -155,7 +156,8 @@ class EngineSession:
             references, target, generator=generator, labels=request.labels, slice_axis=request.slice_axis,
             corrections=corrections, corrected_slices=request.corrected_slices, cleanup=request.cleanup,
             options={"registration_method": request.registration_method, "fusion": request.fusion,
-                     "top_k": default_fusion_top_k(request.top_k, len(references))},
+                     "top_k": default_fusion_top_k(request.top_k, len(references)),
+                     "annotated_slices": request.annotated_slices},
             progress=progress, cancel=cancel,
         )
         check_cancel(cancel)
