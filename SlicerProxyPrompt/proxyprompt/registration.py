@@ -42,7 +42,12 @@ is "copy without registration"), ``"centred"`` (copy after a translation that al
 centres: the 'copy' row of REFERENCES.md section 7), ``"located"`` (step 1 only), ``"affine"``
 (steps 1-2), ``"deformable"`` (1-3), ``"intensity"`` (1-3 and 5).
 
-Measured on ACDC (see ``docs/benchmarks.md``, ``benchmarks/registration.py``).
+Measured on ACDC (see ``docs/benchmarks.md``, ``benchmarks/registration.py``). This pipeline was tuned on cardiac
+cine and can fail elsewhere; the registration generator runs it as one of several candidates
+(`proxyprompt.registration_candidates`, ``benchmarks/oneshot.py``).
+
+Deterministic: SimpleITK runs on `FIXED_THREADS` threads inside `register_case` (`fixed_threads`), metric sampling
+is seeded, candidate scores are rounded to `SCORE_DECIMALS` before they are compared.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 With model `none` the warped labels are the result (works with no GPU and no weights: the baseline every
 other generator must beat). With a model, they become per-slice prompts: a mask prior, a box per slice,
 and the slice range where each structure is expected (the stopping rule of propagation).
+
+For methods deformable / intensity (the defaults) every reference is registered by several pipelines and one is
+kept by label-free evidence (`proxyprompt.registration_candidates`); the plan carries a per-structure quality
+estimate (`PromptPlan.quality`, `proxyprompt.quality`) and a LOW CONFIDENCE note when it is low. Options (in
+`context.options`): ``registration_method``, ``fusion``, ``top_k``, ``registration_candidates`` (subset of
+`registration_candidates.CANDIDATES`), ``annotated_slices`` (sparse references, `proxyprompt.sparse`).
 """
 
 from __future__ import annotations
