@@ -36,7 +36,8 @@ def test_densify_interpolates_between_annotated_slices_and_marks_the_rest_unknow
         assert np.array_equal(dense.array[n], sparse.array[n])  # annotated slices are kept exactly
     areas = dense.array.reshape(8, -1).sum(axis=1)
     assert areas[1] < areas[2] < areas[3] < areas[4] and areas[4] > areas[5] > areas[6]  # shape-interpolated
-    assert known.array[:, 0, 0].tolist() == [0, 1, 1, 1, 1, 1, 1, 0]
+    assert known.array[:, 0, 0].tolist() == [1, 1, 1, 1, 1, 1, 1, 1]  # annotated range + half a gap (1.5 -> 1)
+    assert 0 < dense.array[0].sum() < sparse.array[1].sum() and 0 < dense.array[7].sum() < sparse.array[6].sum()
     assert np.array_equal(sparse.array, full.with_array(sparse.array).array)  # input untouched
     # a dense reference passes through unchanged
     label, mask, note = prepare_reference(full)

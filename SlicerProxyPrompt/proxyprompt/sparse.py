@@ -6,8 +6,8 @@ really is background. A reference whose annotated slices are contiguous and cove
 changes for it.
 
 `densify` fills the unannotated slices between two annotated ones by shape-based interpolation (each label's
-in-plane signed distance, linear along the slice axis; Raya & Udupa 1990) and returns the *known* mask: the slab
-from the first to the last annotated slice. Beyond it nothing is known. The registration warps the known mask
+in-plane signed distance, linear along the slice axis; Raya & Udupa 1990), carries the end shapes on for half a
+gap, and returns the *known* mask: that slab. Beyond it nothing is known. The registration warps the known mask
 with the labels, and wherever the warped mask is under 0.5 the reference casts no vote (`registration.fuse_registered`
 weighs every reference's soft labels by its known mask), so an unknown slice never counts as background.
 """
@@ -47,11 +47,19 @@ def _signed_distance_2d(mask: np.ndarray, spacing_rc) -> np.ndarray:
     return sitk.GetArrayFromImage(distance).astype(np.float32)
 
 
-def densify(label: Volume, annotated: Sequence[int], axis: int) -> Tuple[Volume, Volume]:
-    """(label with the unannotated slices between annotated ones interpolated, known mask as uint8 0/1).
+def _ending_distance(distance: np.ndarray) -> np.ndarray:
+    """The signed distance that a label absent from a slice gets when its neighbour has it: a constant equal to
+    the neighbour's deepest inside depth, so that the linear interpolation shrinks the shape to nothing halfway."""
+    return np.full(distance.shape, max(float(-distance.min()), 0.0), dtype=np.float32)
 
-    Annotated slices keep their labels exactly (also their background); unannotated slices outside the first..last
-    annotated range stay 0 and are marked unknown."""
+
+def densify(label: Volume, annotated: Sequence[int], axis: int) -> Tuple[Volume, Volume]:
+    """(label with the unannotated slices filled, known mask as uint8 0/1).
+
+    Annotated slices keep their labels exactly (also their background). Between two annotated slices each label is
+    shape-interpolated; a label present on one side only shrinks to nothing halfway. Beyond the first and last
+    annotated slice the shapes are carried on for half the mean gap between annotated slices, shrinking the same way
+    (a structure rarely ends exactly at an annotated slice). Known = the annotated range plus that extension."""
     array = np.moveaxis(np.asarray(label.array), axis, 0)
     count = array.shape[0]
     annotated = sorted(set(int(n) for n in annotated))
@@ -65,17 +73,38 @@ def densify(label: Volume, annotated: Sequence[int], axis: int) -> Tuple[Volume,
     dense = np.zeros_like(array)
     dense[annotated] = array[annotated]
     distances = {v: {n: _signed_distance_2d(array[n] == v, spacing_rc) for n in annotated} for v in values}
-    for lower, upper in zip(annotated[:-1], annotated[1:]):
-        for n in range(lower + 1, upper):
-            weight = (n - lower) / (upper - lower)
+    gap = (annotated[-1] - annotated[0]) / max(len(annotated) - 1, 1) if len(annotated) > 1 else 2.0
+    reach = int(np.floor(gap / 2))
+    first, last = max(annotated[0] - reach, 0), min(annotated[-1] + reach, count - 1)
+    # (lower, upper, virtual position of upper) for every run of unannotated slices to fill
+    spans = list(zip(annotated[:-1], annotated[1:], annotated[1:]))
+    # the end shapes shrink toward a virtual empty slice 2 * reach + 2 away: to nothing just past the reach
+    if first < annotated[0]:
+        spans.append((annotated[0], None, annotated[0] - 2 * reach - 2))
+    if last > annotated[-1]:
+        spans.append((annotated[-1], None, annotated[-1] + 2 * reach + 2))
+    for lower, upper, position in spans:
+        step = 1 if position > lower else -1
+        for n in range(lower + step, position, step):
+            if not first <= n <= last or n in annotated:
+                continue
+            weight = (n - lower) / (position - lower)
             best = np.full(array.shape[1:], 0.0, dtype=np.float32)  # a label wins where its distance is < 0
             for v in values:
-                interpolated = (1 - weight) * distances[v][lower] + weight * distances[v][upper]
+                near = distances[v][lower]
+                far = distances[v][upper] if upper is not None else _ending_distance(near)
+                if not (array[lower] == v).any():  # present on the far side only
+                    if upper is None or not (array[upper] == v).any():
+                        continue
+                    near = _ending_distance(far)
+                elif upper is not None and not (array[upper] == v).any():
+                    far = _ending_distance(near)
+                interpolated = (1 - weight) * near + weight * far
                 inside = interpolated < best
                 dense[n][inside] = v
                 best = np.where(inside, interpolated, best)
     known = np.zeros(array.shape, dtype=np.uint8)
-    known[annotated[0]: annotated[-1] + 1] = 1
+    known[first: last + 1] = 1
     return (label.with_array(np.ascontiguousarray(np.moveaxis(dense, 0, axis))),
             label.with_array(np.ascontiguousarray(np.moveaxis(known, 0, axis))))
 
