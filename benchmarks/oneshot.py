@@ -79,6 +79,15 @@ def summarise(rows, values, names):
     return "\n".join(lines)
 
 
+def header(title: str, script: str, argv, started: float, load: float) -> str:
+    """Title, date, machine, load, wall time and the command of a benchmark section."""
+    command = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return (f"## {title}\n\nDate: {time.strftime('%Y-%m-%d')}. Machine: {platform.machine()}, {os.cpu_count()} CPU "
+            f"cores shared (load average {load:.1f} at the start), SimpleITK {sitk.Version_VersionString()} "
+            f"(registration on 1 thread, `fixed_threads`). Wall time {(time.perf_counter() - started) / 60:.1f} min."
+            f"\n\nCommand: `{command}`\n\n")
+
+
 def spearman(x, y) -> float:
     rank = lambda a: np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(float)  # noqa: E731
     return float(np.corrcoef(rank(np.asarray(x)), rank(np.asarray(y)))[0, 1])
@@ -206,13 +215,8 @@ def main(argv=None) -> int:
     choice_text = "; ".join(f"{c} + EM {'run' if kept else 'skipped'}: {len(p)} ({', '.join(p)})"
                             for (c, kept), p in sorted(choices.items()))
     section = args.section or f"oneshot-{args.data.name}"
-    command = "python benchmarks/oneshot.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## One-shot registration per anatomy: {args.data.name}\n\n"
-            f"Date: {time.strftime('%Y-%m-%d')}. Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared "
-            f"(load average {load_at_start:.1f} at the start), SimpleITK {sitk.Version_VersionString()} "
-            f"(registration on 1 thread, `fixed_threads`). Wall time {(time.perf_counter() - started) / 60:.1f} min.\n\n"
-            f"Command: `{command}`\n\n"
-            f"Pairs: targets {names[args.first % len(names)]} ... (cases {args.first}..{args.first + args.targets - 1} "
+    text = (header(f"One-shot registration per anatomy: {args.data.name}", "oneshot.py", argv, started, load_at_start)
+            + f"Pairs: targets {names[args.first % len(names)]} ... (cases {args.first}..{args.first + args.targets - 1} "
             f"of {len(names)} sorted), references at offset {args.offset}{f'..{args.offset + k - 1}' if k > 1 else ''} "
             f"(cyclic). Dice per structure mean / median; `s per pair`: wall seconds on a shared, loaded CPU (the "
             f"candidate rows share one computation). Intensity gate: the EM runs when the most distinct structure's "

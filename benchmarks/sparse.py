@@ -37,7 +37,7 @@ from proxyprompt.pipeline import Engine  # noqa: E402
 from proxyprompt.sparse import annotated_slices  # noqa: E402
 from proxyprompt.volume import read_image, read_label  # noqa: E402
 
-from oneshot import case_names  # noqa: E402
+from oneshot import case_names, header, summarise  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
 COPY = "copy of the best-matching annotated slice"
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     names = case_names(args.data, args.glob)
     engine = Engine("none")
-    rows = {COPY: [], SPARSE: [], FULL: []}
-    seconds = {SPARSE: [], FULL: []}
+    rows = {COPY: [], SPARSE: [], FULL: []}  # method -> [{"dice": per label, "seconds": s}]
     values = None
     for t in range(args.first, args.first + args.targets):
         target_name, reference_name = names[t % len(names)], names[(t + args.offset) % len(names)]
@@ -111,32 +110,22 @@ def main(argv=None) -> int:
         values = values or sorted(int(v) for v in np.unique(truth) if v)
         sparse_label, axis, picks = keep_slices(reference_label)
         score = lambda label: [float(dice(label == v, truth == v)) for v in values]  # noqa: E731
-        rows[COPY].append(score(copy_best_slice(reference_image, sparse_label, axis, picks, target_image)))
+        tick = time.perf_counter()
+        copied = copy_best_slice(reference_image, sparse_label, axis, picks, target_image)
+        rows[COPY].append({"dice": score(copied), "seconds": time.perf_counter() - tick})
         for name, label in ((SPARSE, sparse_label), (FULL, reference_label)):
             tick = time.perf_counter()
             result = engine.segment([ReferenceCase(reference_image, label, table)], target_image,
                                     generator="registration")
-            seconds[name].append(time.perf_counter() - tick)
-            rows[name].append(score(np.asarray(result.label.array)))
-        print(target_name, reference_name, picks, {n: round(float(np.mean(r[-1])), 3) for n, r in rows.items()},
-              flush=True)
+            rows[name].append({"dice": score(np.asarray(result.label.array)), "seconds": time.perf_counter() - tick})
+        print(target_name, reference_name, picks,
+              {n: round(float(np.mean(r[-1]["dice"])), 3) for n, r in rows.items()}, flush=True)
     labels = json.loads((args.data / "labels.json").read_text()) if (args.data / "labels.json").is_file() else {}
-    lines = ["| method | " + " | ".join(labels.get(str(v), str(v)) for v in values) + " | mean | s per pair | n |",
-             "|---" * (len(values) + 4) + "|"]
-    for name, entries in rows.items():
-        scores = np.asarray(entries)
-        cells = [f"{scores[:, i].mean():.3f} / {np.median(scores[:, i]):.3f}" for i in range(len(values))]
-        secs = f"{np.mean(seconds[name]):.1f}" if name in seconds else "-"
-        means = scores.mean(axis=1)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {means.mean():.3f} / {np.median(means):.3f} | {secs} | "
-                     f"{len(entries)} |")
-    command = "python benchmarks/sparse.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## Sparse references (3 annotated slices): {args.data.name}\n\n"
-            f"Date: {time.strftime('%Y-%m-%d')}; load average {load:.1f} at the start (2 shared cores); wall time "
-            f"{(time.perf_counter() - started) / 60:.1f} min.\n\nCommand: `{command}`\n\n"
-            f"Pairs: targets {args.first}..{args.first + args.targets - 1} of {len(names)} (sorted), reference at offset "
+    table_text = summarise(rows, values, {v: labels.get(str(v), str(v)) for v in values})
+    text = (header(f"Sparse references (3 annotated slices): {args.data.name}", "sparse.py", argv, started, load)
+            + f"Pairs: targets {args.first}..{args.first + args.targets - 1} of {len(names)} (sorted), reference at offset "
             f"{args.offset}; the reference keeps 3 labelled slices (1/6, 1/2, 5/6 of its labelled range along its "
-            f"acquisition axis). Dice mean / median.\n\n" + "\n".join(lines) + "\n")
+            f"acquisition axis). Dice mean / median.\n\n" + table_text + "\n")
     print(text)
     if not args.no_write:
         write_section(DOC, f"sparse-{args.data.name}", text)
