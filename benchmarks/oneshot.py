@@ -41,6 +41,7 @@ from _report import write_section  # noqa: E402
 
 from proxyprompt.intensity import contrast_separability, refine_by_intensity  # noqa: E402
 from proxyprompt.metrics import dice  # noqa: E402
+from proxyprompt.quality import LOW_QUALITY  # noqa: E402
 from proxyprompt.registration import (  # noqa: E402
     DEFAULT_SETTINGS, RegisteredCase, fixed_threads, fuse_registered, fused_quality,
 )
@@ -203,11 +204,12 @@ def main(argv=None) -> int:
     rows.update(fused_rows)
     table = summarise(rows, values, names_by_value)
     q = np.asarray(quality_pairs)
+    low = q[:, 0] < LOW_QUALITY
     correlation = (f"quality score vs true Dice over {len(q)} (pair, structure) of the one-reference default: "
                    f"Pearson {np.corrcoef(q[:, 0], q[:, 1])[0, 1]:.2f}, Spearman {spearman(q[:, 0], q[:, 1]):.2f}; "
-                   f"structures with quality < 0.5: {int((q[:, 0] < 0.5).sum())}, their mean Dice "
-                   f"{q[q[:, 0] < 0.5, 1].mean() if (q[:, 0] < 0.5).any() else float('nan'):.3f} (others "
-                   f"{q[q[:, 0] >= 0.5, 1].mean() if (q[:, 0] >= 0.5).any() else float('nan'):.3f})")
+                   f"structures with quality < {LOW_QUALITY} (warned): {int(low.sum())}, their mean Dice "
+                   f"{q[low, 1].mean() if low.any() else float('nan'):.3f} (others "
+                   f"{q[~low, 1].mean() if (~low).any() else float('nan'):.3f})")
     if quality_pairs_k:
         qk = np.asarray(quality_pairs_k)
         correlation += (f"; {k}-reference default: Pearson {np.corrcoef(qk[:, 0], qk[:, 1])[0, 1]:.2f}, "

@@ -134,6 +134,7 @@ class RegistrationGenerator(Generator):
             if "candidates" in reference_info:
                 plan.notes.append(f"reference {index + 1}: {describe_choice(reference_info)}")
         plan.quality = info["quality"]
-        names = {v: context.references[0].table[v].name for v in context.labels if v in context.references[0].table}
+        table = context.references[0].table or {}
+        names = {v: getattr(table[v], "name", str(table[v])) for v in context.labels if v in table}
         plan.notes.extend(quality_warnings(plan.quality, names))
         return plan
