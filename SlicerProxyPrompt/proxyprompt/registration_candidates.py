@@ -80,7 +80,14 @@ def centred_start(target: sitk.Image, ref_image: sitk.Image, start: str) -> sitk
     intensity centres of mass ("moments")."""
     mode = {"geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY,
             "moments": sitk.CenteredTransformInitializerFilter.MOMENTS}[start]
-    return sitk.AffineTransform(sitk.CenteredTransformInitializer(target, ref_image, sitk.AffineTransform(3), mode))
+    try:
+        return sitk.AffineTransform(sitk.CenteredTransformInitializer(target, ref_image, sitk.AffineTransform(3),
+                                                                      mode))
+    except RuntimeError:
+        # an image whose windowed intensities have no mass has no centre of mass (ITK throws): centre the geometry
+        if start == "geometry":
+            raise
+        return centred_start(target, ref_image, "geometry")
 
 
 def mattes_affine(target: sitk.Image, ref_image: sitk.Image, initial: sitk.AffineTransform,
