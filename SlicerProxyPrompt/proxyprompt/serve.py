@@ -66,9 +66,10 @@ class Worker:
         self._job: Optional[threading.Thread] = None
         self._job_id = None
         self._cancel = threading.Event()
+        self._finished = threading.Event()  # set before the job's last message: a client may send the next at once
 
     def busy(self) -> bool:
-        return self._job is not None and self._job.is_alive()
+        return self._job is not None and not self._finished.is_set()
 
     def handle(self, line: str) -> bool:
         """Handle one request line; False when the worker should stop."""
@@ -107,26 +108,30 @@ class Worker:
             self.send({"type": "error", "id": request_id, "reason": one_line(error)})
             return
         self._cancel = threading.Event()
+        self._finished = threading.Event()
         self._job_id = request_id
-        self._job = threading.Thread(target=self._run, args=(request_id, request, self._cancel), daemon=True)
+        self._job = threading.Thread(target=self._run, args=(request_id, request, self._cancel, self._finished),
+                                     daemon=True)
         self._job.start()
 
-    def _run(self, request_id, request, cancel: threading.Event) -> None:
+    def _run(self, request_id, request, cancel: threading.Event, finished: threading.Event) -> None:
         def progress(event) -> None:
             self.send({"type": "progress", "id": request_id, "event": event.to_dict()})
 
         try:
             summary = self.session.segment(request, progress=progress, cancel=cancel)
         except Cancelled as error:
-            self.send({"type": "cancelled", "id": request_id, "reason": one_line(error)})
+            last = {"type": "cancelled", "id": request_id, "reason": one_line(error)}
         except MemoryError:
-            self.send({"type": "error", "id": request_id,
-                       "reason": "out of memory; crop the target or use a smaller image size"})
+            last = {"type": "error", "id": request_id,
+                    "reason": "out of memory; crop the target or use a smaller image size"}
         except Exception as error:  # the worker reports every failure as one line and keeps serving
             log.debug("request %s failed", request_id, exc_info=True)
-            self.send({"type": "error", "id": request_id, "reason": one_line(error)})
+            last = {"type": "error", "id": request_id, "reason": one_line(error)}
         else:
-            self.send({"type": "result", "id": request_id, "summary": summary})
+            last = {"type": "result", "id": request_id, "summary": summary}
+        finished.set()  # idle before the client hears the job ended, so its next request is accepted
+        self.send(last)
 
     def stop(self) -> None:
         if self.busy():
