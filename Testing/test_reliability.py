@@ -272,16 +272,21 @@ def test_images_without_contrast_or_with_non_finite_values_are_refused_naming_th
     arrays = {"zero.nii.gz": np.zeros(SHAPE, np.int16), "constant.nii.gz": np.full(SHAPE, 1e30, np.float32)}
     nan = image.array.astype(np.float32)
     nan[3, 4, 5] = np.nan
-    arrays["nan.nrrd"] = nan  # NRRD: ITK's NIfTI reader turns NaN into 0 (which the pipeline copes with)
+    arrays["nan.nrrd"] = nan
     inf = image.array.astype(np.float32)
     inf[0, 0, 0] = np.inf
     arrays["inf.mha"] = inf
     for name, array in arrays.items():
         write_image(image.with_array(array), case / name)
+    # ITK's NIfTI reader turns NaN into 0, so the file's own bytes must be checked (written by SimpleITK directly:
+    # our verified writer refuses a file that does not read back as written)
+    sitk.WriteImage(image.with_array(nan).to_sitk(), str(case / "nan.nii.gz"))
+    sitk.WriteImage(image.with_array(inf.astype(np.float64)).to_sitk(), str(case / "inf.nii"))
     out = case / "out.nii.gz"
     for role in ("target", "image"):
         for name, reason in [("zero.nii.gz", "no contrast"), ("constant.nii.gz", "no contrast"),
-                             ("nan.nrrd", "non-finite"), ("inf.mha", "non-finite")]:
+                             ("nan.nrrd", "non-finite"), ("inf.mha", "non-finite"),
+                             ("nan.nii.gz", "non-finite"), ("inf.nii", "non-finite")]:
             line = _refused(_args(case, out, **{role: name}), capsys, out, reason)
             assert name in line and ("target" if role == "target" else "reference image") in line
 

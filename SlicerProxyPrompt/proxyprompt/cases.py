@@ -41,7 +41,7 @@ def load_reference_case(image_path, label_path, label_table_path: Optional[str] 
                         annotated_slices: Optional[Sequence[int]] = None) -> ReferenceCase:
     """The reference case from files; `annotated_slices` marks a sparse reference (the other slices are unknown)."""
     image = read_image(image_path)
-    check_intensities(image.array, f"reference image {image_path}")
+    check_intensities(image.array, f"reference image {image_path}", image_path)
     label, table = read_label(label_path, label_table_path)
     label = label_on_image_grid(label, image, f"reference label {label_path}")
     if not np.any(label.array):

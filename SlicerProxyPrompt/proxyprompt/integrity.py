@@ -34,9 +34,9 @@ def _bytes_text(count: int) -> str:
 
 
 # --- NIfTI --------------------------------------------------------------------------------------
-def _nifti_layout(header: bytes, path) -> Optional[Tuple[int, int]]:
-    """(data offset, data bytes) that a NIfTI-1 / NIfTI-2 single-file header declares; None for a
-    header/image pair (``.hdr`` + ``.img``), whose data is in another file."""
+def _nifti_layout(header: bytes, path) -> Optional[Tuple[int, int, Optional[np.dtype]]]:
+    """(data offset, data bytes, numpy dtype when the voxels are floating point) that a NIfTI-1 / NIfTI-2
+    single-file header declares; None for a header/image pair (``.hdr`` + ``.img``), whose data is elsewhere."""
     if len(header) < 4:
         raise _unreadable(path, f"too short to be a NIfTI file ({len(header)} bytes)")
     for endian in ("<", ">"):
@@ -50,6 +50,7 @@ def _nifti_layout(header: bytes, path) -> Optional[Tuple[int, int]]:
     if size == 348:
         magic = header[344:348]
         dims = struct.unpack(endian + "8h", header[40:56])
+        datatype = struct.unpack(endian + "h", header[70:72])[0]
         bitpix = struct.unpack(endian + "h", header[72:74])[0]
         offset = int(struct.unpack(endian + "f", header[108:112])[0])
         if magic[:3] != b"n+1":
@@ -57,6 +58,7 @@ def _nifti_layout(header: bytes, path) -> Optional[Tuple[int, int]]:
         offset = max(offset, 352)
     else:
         magic = header[4:12]
+        datatype = struct.unpack(endian + "h", header[12:14])[0]
         bitpix = struct.unpack(endian + "h", header[14:16])[0]
         dims = struct.unpack(endian + "8q", header[16:80])
         offset = int(struct.unpack(endian + "q", header[168:176])[0])
@@ -67,7 +69,56 @@ def _nifti_layout(header: bytes, path) -> Optional[Tuple[int, int]]:
     if not 1 <= ndim <= 7 or any(int(d) < 1 for d in dims[1 : ndim + 1]) or bitpix < 1:
         raise _unreadable(path, f"invalid NIfTI header (dim {list(dims)}, bitpix {bitpix})")
     voxels = int(np.prod([int(d) for d in dims[1 : ndim + 1]], dtype=object))
-    return offset, voxels * int(bitpix) // 8
+    float_code = _NIFTI_FLOAT_TYPES.get(int(datatype))
+    return offset, voxels * int(bitpix) // 8, None if float_code is None else np.dtype(endian + float_code)
+
+
+# NIfTI datatype codes of real floating-point voxels (complex types are refused by the reader anyway)
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _count_non_finite(chunks, dtype: np.dtype) -> int:
+    """NaN / Inf values in float voxel data given as an iterator of byte blocks."""
+    bad, carry = 0, b""
+    for block in chunks:
+        block = carry + block
+        usable = len(block) - len(block) % dtype.itemsize
+        carry = block[usable:]
+        bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(block[:usable], dtype=dtype))))
+    return bad
+
+
+def nifti_non_finite_voxels(path) -> int:
+    """NaN / Inf voxels in a NIfTI file's own bytes (``.nii``, ``.nii.gz``, float32 / float64; 0 for anything else).
+    ITK's NIfTI reader turns NaN into 0, so an image read from NIfTI cannot show them."""
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+        return 0
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        layout = _nifti_layout(stream.read(544), path)
+    if layout is None or layout[2] is None:
+        return 0
+    with opener(path, "rb") as stream:
+        return _count_non_finite(_blocks(stream, layout[0], layout[1]), layout[2])
+
+
+def _blocks(stream, skip: int, length: int):
+    """Byte blocks [skip, skip + length) of a readable stream."""
+    remaining = skip
+    while remaining > 0:
+        got = stream.read(min(_CHUNK, remaining))
+        if not got:
+            return
+        remaining -= len(got)
+    remaining = length
+    while remaining > 0:
+        got = stream.read(min(_CHUNK, remaining))
+        if not got:
+            return
+        remaining -= len(got)
+        yield got
 
 
 # --- NRRD ---------------------------------------------------------------------------------------
@@ -211,11 +262,14 @@ def check_slice_positions(positions: Sequence[float], files: Sequence[str], fold
 
 
 # --- intensities --------------------------------------------------------------------------------
-def check_intensities(array: np.ndarray, name) -> None:
-    """Refuse an image with NaN / Inf voxels or without contrast (every voxel the same value)."""
+def check_intensities(array: np.ndarray, name, path=None) -> None:
+    """Refuse an image with NaN / Inf voxels or without contrast (every voxel the same value). `path`: the file it
+    was read from, whose own bytes are scanned too where the reader hides NaN (NIfTI)."""
     array = np.asarray(array)
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
+        if path is not None:
+            bad = max(bad, nifti_non_finite_voxels(path))
         if bad:
             raise InputError(f"{name} holds {bad:,} non-finite (NaN or Inf) intensities")
     if array.size and array.min() == array.max():

@@ -152,7 +152,7 @@ class EngineSession:
             references.append(load_reference_case(image, label, request.label_table, request.annotated_slices))
             report(progress, "read", index + 1, len(request.reference_images) + 1)
         target = read_image(request.target, max_voxels=MAX_TARGET_VOXELS)
-        check_intensities(target.array, f"target {request.target}")
+        check_intensities(target.array, f"target {request.target}", request.target)
         report(progress, "read", len(request.reference_images) + 1, len(request.reference_images) + 1)
         corrections = None
         if request.corrections:
