@@ -473,7 +473,7 @@ def test_outputs_of_random_weights_carry_the_marker(case):
 
 def test_top_k_zero_and_a_missing_demo_data_folder_are_refused(case, capsys, tmp_path):
     out = case / "out.nii.gz"
-    _refused(_args(case, out, extra=["--top-k", "0"]), capsys, out, "--top-k must be at least 1")
+    _refused(_args(case, out, extra=["--top-k", "0"]), capsys, out, "fusion_top_k (--fusion-top-k) must be at least 1")
     assert main(["demo", "--data", str(tmp_path / "nonexistent"), "--output-dir", str(tmp_path / "demo")]) == 2
     assert "no ACDC data in --data" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
