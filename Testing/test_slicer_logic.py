@@ -321,3 +321,14 @@ def test_module_files_byte_compile_and_use_only_known_slicer_apis():
                           "--min-version", "5.10", *map(str, files)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert " 0 flagged" in run.stdout or "flagged: 0" in run.stdout or "FLAG" not in run.stdout, run.stdout
+
+
+def test_the_logic_sends_only_fields_the_engine_request_has():
+    """The Logic's options are SegmentRequest fields (the engine's typed options; the generator's go in
+    generator_options), so a request it builds is never refused as unknown by the worker."""
+    from dataclasses import fields
+
+    from ProxyPromptLib.logic import REQUEST_FIELDS
+    from proxyprompt.service import SegmentRequest
+
+    assert set(REQUEST_FIELDS) <= {spec.name for spec in fields(SegmentRequest)}

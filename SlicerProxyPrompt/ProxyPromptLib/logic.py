@@ -25,8 +25,10 @@ from vtk.util.numpy_support import vtk_to_numpy
 from .worker import EngineWorker, WorkerError
 
 CANCEL_GRACE_SECONDS = 10.0  # after a cancel request the worker gets this long to stop, then it is killed
-REQUEST_FIELDS = ("slice_axis", "image_size", "precision", "checkpoint", "registration_method", "fusion", "top_k",
-                  "cleanup")
+# fields of proxyprompt.service.SegmentRequest a caller may set; the generator's own options (e.g.
+# {"registration_method": "affine"}, {"attention_top_k": 4}) go in generator_options
+REQUEST_FIELDS = ("slice_axis", "image_size", "precision", "checkpoint", "fusion", "fusion_top_k", "refinement_rounds",
+                  "cleanup", "generator_options")
 
 
 class ProxyPromptError(RuntimeError):
@@ -176,8 +178,8 @@ class ProxyPromptLogic:
         """Segment `targetVolume` from the reference; returns the output segmentation node.
 
         With waitForCompletion=False it returns None at once; call `poll()` until it returns True, then
-        `takeResult()`. options: slice_axis, image_size, precision, checkpoint, registration_method, fusion, top_k,
-        cleanup, and extraReferences = [(volumeNode, segmentationNode), ...] (segments matched by name).
+        `takeResult()`. options: slice_axis, image_size, precision, checkpoint, fusion, fusion_top_k, refinement_rounds,
+        cleanup, generator_options (the generator's typed options by name), and extraReferences = [(volumeNode, segmentationNode), ...] (segments matched by name).
         Raises ProxyPromptError (one-line reason) and leaves the scene unchanged when the run cannot be done.
         """
         if self.isRunning():
