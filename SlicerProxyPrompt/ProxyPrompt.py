@@ -128,7 +128,7 @@ class ProxyPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for generator in list_generators():
                 self.ui.generatorComboBox.addItem(generator.name)
                 self._generatorDescriptions[generator.name] = generator.description
-        except ImportError as error:
+        except Exception as error:  # e.g. numpy / SimpleITK missing before "Install dependencies"
             logging.info(f"ProxyPrompt: generator list unavailable until dependencies are installed ({error})")
             for name in KNOWN_GENERATORS:
                 self.ui.generatorComboBox.addItem(name)

@@ -183,6 +183,33 @@ def test_rerun_keeps_the_users_corrected_slices_exactly_and_updates_the_node_in_
     assert np.array_equal(labels_on(output, target_volume), edited)
 
 
+def test_several_references_are_matched_by_segment_name(logic, scene, acdc_small_pair):
+    reference, reference_segmentation, target_volume = load_case(acdc_small_pair)
+    second_volume = slicer.util.loadVolume(str(acdc_small_pair / "target_oblique.nrrd"), {"name": "second reference"})
+    second = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "second reference segmentation")
+    second.SetReferenceImageGeometryParameterFromVolumeNode(second_volume)
+    truth = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(acdc_small_pair / "target_oblique_label.nrrd")))
+    for value, name in reversed(list(enumerate(NAMES, start=1))):  # other order than the reference's segments
+        segment_id = second.GetSegmentation().AddEmptySegment("", name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray((truth == value).astype(np.uint8), second, segment_id,
+                                                         second_volume)
+    output = logic.process(reference, reference_segmentation, target_volume, model="none",
+                           options={"extraReferences": [(second_volume, second)]})
+    assert logic.lastSummary["references"] == 2
+    assert [output.GetSegmentation().GetNthSegment(i).GetName() for i in range(3)] == NAMES
+    # the second reference is the target itself (on another grid): fused with it, the result moves towards the truth
+    fused = labels_on(output, target_volume)
+    alone = labels_on(logic.process(reference, reference_segmentation, target_volume, model="none"), target_volume)
+    truth_on_target = slicer.util.arrayFromVolume(slicer.util.loadLabelVolume(str(acdc_small_pair / "target_label.nrrd")))
+    assert (fused == truth_on_target).mean() > (alone == truth_on_target).mean()
+    second.GetSegmentation().GetNthSegment(0).SetName("something else")
+    before = scene_state(scene)
+    with pytest.raises(ProxyPromptError, match="has no segment named 'left ventricle'"):
+        logic.process(reference, reference_segmentation, target_volume, model="none",
+                      options={"extraReferences": [(second_volume, second)]})
+    assert scene_state(scene) == before
+
+
 def test_sam2_path_through_the_worker_reuses_the_target_features(logic, scene, acdc_small_pair, tmp_path):
     reference, reference_segmentation, target_volume = load_case(acdc_small_pair)
     lv = reference_segmentation.GetSegmentation().GetSegmentIdBySegmentName("left ventricle")
@@ -239,12 +266,13 @@ def _bad_inputs(scene, pair):
         "is 2D": (reference, reference_segmentation, flat, {}),
         "is the reference volume": (reference, reference_segmentation, reference, {}),
         "under the transform": (reference, reference_segmentation, moved, {}),
-        "unknown option": (reference, reference_segmentation, target_volume, {"options": {"bogus": 1}}),
+        "unknown request field": (reference, reference_segmentation, target_volume, {"options": {"bogus": 1}}),
+        "set by the Logic": (reference, reference_segmentation, target_volume, {"options": {"target": "x.nrrd"}}),
     }
 
 
 @pytest.mark.parametrize("reason", ["has no segments", "is empty", "does not exist", "is 2D", "is the reference volume",
-                                    "under the transform", "unknown option"])
+                                    "under the transform", "unknown request field", "set by the Logic"])
 def test_bad_inputs_give_a_one_line_reason_and_leave_the_scene_unchanged(logic, scene, acdc_small_pair, reason):
     reference, segmentation, target, extra = _bad_inputs(scene, acdc_small_pair)[reason]
     before = scene_state(scene)
@@ -321,14 +349,3 @@ def test_module_files_byte_compile_and_use_only_known_slicer_apis():
                           "--min-version", "5.10", *map(str, files)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert " 0 flagged" in run.stdout or "flagged: 0" in run.stdout or "FLAG" not in run.stdout, run.stdout
-
-
-def test_the_logic_sends_only_fields_the_engine_request_has():
-    """The Logic's options are SegmentRequest fields (the engine's typed options; the generator's go in
-    generator_options), so a request it builds is never refused as unknown by the worker."""
-    from dataclasses import fields
-
-    from ProxyPromptLib.logic import REQUEST_FIELDS
-    from proxyprompt.service import SegmentRequest
-
-    assert set(REQUEST_FIELDS) <= {spec.name for spec in fields(SegmentRequest)}

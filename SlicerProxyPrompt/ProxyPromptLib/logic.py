@@ -25,10 +25,9 @@ from vtk.util.numpy_support import vtk_to_numpy
 from .worker import EngineWorker, WorkerError
 
 CANCEL_GRACE_SECONDS = 10.0  # after a cancel request the worker gets this long to stop, then it is killed
-# fields of proxyprompt.service.SegmentRequest a caller may set; the generator's own options (e.g.
-# {"registration_method": "affine"}, {"attention_top_k": 4}) go in generator_options
-REQUEST_FIELDS = ("slice_axis", "image_size", "precision", "checkpoint", "fusion", "fusion_top_k", "refinement_rounds",
-                  "cleanup", "generator_options")
+# Request fields the Logic fills itself; every other option goes to the worker, whose SegmentRequest validates it.
+LOGIC_FIELDS = ("reference_images", "reference_labels", "target", "output", "corrections", "corrected_slices",
+                "label_table", "generator", "model", "device")
 
 
 class ProxyPromptError(RuntimeError):
@@ -178,17 +177,18 @@ class ProxyPromptLogic:
         """Segment `targetVolume` from the reference; returns the output segmentation node.
 
         With waitForCompletion=False it returns None at once; call `poll()` until it returns True, then
-        `takeResult()`. options: slice_axis, image_size, precision, checkpoint, fusion, fusion_top_k, refinement_rounds,
-        cleanup, generator_options (the generator's typed options by name), and extraReferences = [(volumeNode, segmentationNode), ...] (segments matched by name).
+        `takeResult()`. options: slice_axis, image_size, precision, checkpoint, registration_method, fusion, top_k,
+        cleanup, and extraReferences = [(volumeNode, segmentationNode), ...] (segments matched by name).
         Raises ProxyPromptError (one-line reason) and leaves the scene unchanged when the run cannot be done.
         """
         if self.isRunning():
             raise ProxyPromptError("a run is in progress: wait for it or cancel it first")
         options = dict(options or {})
         extraReferences = list(options.pop("extraReferences", None) or [])
-        unknown = sorted(set(options) - set(REQUEST_FIELDS))
-        if unknown:
-            raise ProxyPromptError(f"unknown option(s): {', '.join(unknown)}")
+        reserved = sorted(set(options) & set(LOGIC_FIELDS))
+        if reserved:
+            raise ProxyPromptError(f"option(s) set by the Logic itself: {', '.join(reserved)}")
+        options = {key: value for key, value in options.items() if value is not None}
         segmentIds = self._validate(referenceVolume, referenceSegmentation, targetVolume, outputSegmentation,
                                     segmentIds, extraReferences)
         self._requestCount += 1
@@ -196,9 +196,8 @@ class ProxyPromptLogic:
                   "targetVolume": targetVolume, "outputSegmentation": outputSegmentation, "segmentIds": segmentIds}
         job = _Job(f"run-{self._requestCount}", inputs, progressCallback)
         try:
-            request = self._writeInputs(job, extraReferences)
-            request.update(generator=generator, model=model, device=device)
-            request.update({key: value for key, value in options.items() if value is not None})
+            request = dict(options, generator=generator, model=model, device=device)
+            request.update(self._writeInputs(job, extraReferences, options.get("slice_axis")))
             self._ensureWorker()
             self.worker.send({"type": "segment", "id": job.requestId, "request": request})
         except WorkerError as error:
@@ -342,7 +341,7 @@ class ProxyPromptLogic:
         return segmentIds
 
     # --- files ----------------------------------------------------------------------------------------------
-    def _writeInputs(self, job, extraReferences):
+    def _writeInputs(self, job, extraReferences, sliceAxis):
         inputs = job.inputs
         reference = inputs["referenceSegmentation"]
         segmentIds = inputs["segmentIds"]
@@ -368,7 +367,7 @@ class ProxyPromptLogic:
             request["reference_labels"].append(labelPath)
         request["target"] = os.path.join(job.folder, "target.nrrd")
         _writeVolumeFile(inputs["targetVolume"], request["target"])
-        corrections = self._corrections(inputs["outputSegmentation"], inputs["targetVolume"], names)
+        corrections = self._corrections(inputs["outputSegmentation"], inputs["targetVolume"], names, sliceAxis)
         if corrections is not None:
             labels, slices, axis = corrections
             request["corrections"] = os.path.join(job.folder, "corrections.nrrd")
@@ -378,8 +377,10 @@ class ProxyPromptLogic:
         job.names = names
         return request
 
-    def _corrections(self, outputSegmentation, targetVolume, names):
-        """The slices where the output node differs from what this Logic wrote last on this target, or None."""
+    def _corrections(self, outputSegmentation, targetVolume, names, sliceAxis=None):
+        """The slices where the output node differs from what this Logic wrote last on this target, or None.
+
+        Slices are counted along `sliceAxis` when one is asked for, else along the axis of the last run."""
         if outputSegmentation is None:
             return None
         written = self._written.get(outputSegmentation.GetID())
@@ -388,7 +389,7 @@ class ProxyPromptLogic:
         current = _segmentLabels(outputSegmentation, _segmentIdsByName(outputSegmentation, names), targetVolume)
         if current.shape != written["labels"].shape:
             return None
-        axis = written["axis"]
+        axis = written["axis"] if sliceAxis is None else int(sliceAxis)
         differs = np.moveaxis(current != written["labels"], axis, 0)
         slices = [int(n) for n in np.flatnonzero(differs.reshape(differs.shape[0], -1).any(axis=1))]
         if not slices:

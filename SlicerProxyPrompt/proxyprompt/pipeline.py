@@ -262,6 +262,7 @@ class Engine:
             "notes": notes,
             "refinement_rounds": rounds,
             "options": generator_options.to_dict(),
+            "quality": dict(plan.quality),
         }
         if self.model is not None:
             info["encoder_calls"] = self.model.encoder_calls

@@ -28,14 +28,15 @@ import threading
 from typing import IO, Optional
 
 from . import __version__
-from .errors import Cancelled, DownloadError, InputError
+from .errors import Cancelled, DownloadError, InputError, OutputWriteError
 
 log = logging.getLogger("proxyprompt")
 
 
 def one_line(error: BaseException) -> str:
     """The reason a front end shows: the message for errors the user can act on, else type and message."""
-    text = str(error) if isinstance(error, (InputError, Cancelled, DownloadError)) else f"{type(error).__name__}: {error}"
+    actionable = (InputError, Cancelled, DownloadError, OutputWriteError)
+    text = str(error) if isinstance(error, actionable) else f"{type(error).__name__}: {error}"
     text = " ".join(text.split())
     return text or type(error).__name__
 
