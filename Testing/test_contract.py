@@ -32,7 +32,7 @@ def test_generator_options_are_typed_and_unknown_names_refused():
     assert options.attention_top_k == 2 and options.max_support == 12
     with pytest.raises(InputError, match="unknown option.*top_k"):
         support_memory.Options.parse({"top_k": 2}, "generator 'support-memory'")
-    with pytest.raises(InputError, match="attention_top_k must be int"):
+    with pytest.raises(InputError, match=r"attention_top_k \(--attention-top-k\) must be int"):
         support_memory.Options.parse({"attention_top_k": "4"})
     with pytest.raises(InputError, match="at least 1"):
         support_memory.Options.parse({"attention_top_k": 0})

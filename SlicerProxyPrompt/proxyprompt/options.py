@@ -32,18 +32,19 @@ class Options:
             if value is None and spec.default is None:
                 continue
             kind = meta.get("kind")
+            name = f"{spec.name} (--{spec.name.replace('_', '-')})"  # the field and its CLI flag
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 object.__setattr__(self, spec.name, value)
             if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-                raise InputError(f"option {spec.name} must be {kind.__name__}, got {value!r}")
+                raise InputError(f"option {name} must be {kind.__name__}, got {value!r}")
             if meta.get("choices") and value not in meta["choices"]:
-                raise InputError(f"option {spec.name} must be one of {', '.join(map(str, meta['choices']))}, "
+                raise InputError(f"option {name} must be one of {', '.join(map(str, meta['choices']))}, "
                                  f"got {value!r}")
             if meta.get("minimum") is not None and value < meta["minimum"]:
-                raise InputError(f"option {spec.name} must be at least {meta['minimum']}, got {value!r}")
+                raise InputError(f"option {name} must be at least {meta['minimum']}, got {value!r}")
             if meta.get("maximum") is not None and value > meta["maximum"]:
-                raise InputError(f"option {spec.name} must be at most {meta['maximum']}, got {value!r}")
+                raise InputError(f"option {name} must be at most {meta['maximum']}, got {value!r}")
 
     @classmethod
     def names(cls) -> Tuple[str, ...]:
