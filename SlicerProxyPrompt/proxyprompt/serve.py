@@ -65,10 +65,11 @@ class Worker:
         self.session = session if session is not None else EngineSession()
         self._job: Optional[threading.Thread] = None
         self._job_id = None
+        self._running = False  # False from the moment the job's last event is decided, before it is sent
         self._cancel = threading.Event()
 
     def busy(self) -> bool:
-        return self._job is not None and self._job.is_alive()
+        return self._running
 
     def handle(self, line: str) -> bool:
         """Handle one request line; False when the worker should stop."""
@@ -108,6 +109,7 @@ class Worker:
             return
         self._cancel = threading.Event()
         self._job_id = request_id
+        self._running = True
         self._job = threading.Thread(target=self._run, args=(request_id, request, self._cancel), daemon=True)
         self._job.start()
 
@@ -118,18 +120,21 @@ class Worker:
         try:
             summary = self.session.segment(request, progress=progress, cancel=cancel)
         except Cancelled as error:
-            self.send({"type": "cancelled", "id": request_id, "reason": one_line(error)})
+            last = {"type": "cancelled", "id": request_id, "reason": one_line(error)}
         except MemoryError:
-            self.send({"type": "error", "id": request_id,
-                       "reason": "out of memory; crop the target or use a smaller image size"})
+            last = {"type": "error", "id": request_id,
+                    "reason": "out of memory; crop the target or use a smaller image size"}
         except Exception as error:  # the worker reports every failure as one line and keeps serving
             log.debug("request %s failed", request_id, exc_info=True)
-            self.send({"type": "error", "id": request_id, "reason": one_line(error)})
+            last = {"type": "error", "id": request_id, "reason": one_line(error)}
         else:
-            self.send({"type": "result", "id": request_id, "summary": summary})
+            last = {"type": "result", "id": request_id, "summary": summary}
+        # Free before telling: a client that sends its next request on this event must not find the worker busy.
+        self._running = False
+        self.send(last)
 
     def stop(self) -> None:
-        if self.busy():
+        if self._job is not None and self._job.is_alive():
             self._cancel.set()
             self._job.join()
 
