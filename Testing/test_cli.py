@@ -35,6 +35,9 @@ def test_segment_and_evaluate_end_to_end_through_the_console_command(acdc, tmp_p
     assert summary["labels"] == {"1": "right ventricle", "2": "myocardium", "3": "left ventricle"}
     assert any(note.startswith("registration (intensity)") for note in summary["notes"])  # what the generator did
     assert summary["notes"][0] in run.stderr  # ... and the user sees it in the log too
+    assert set(summary["quality"]) == {"1", "2", "3"}  # a per-structure quality estimate in --json
+    assert all(0.0 <= entry["score"] <= 1.0 and "candidates" in entry for entry in summary["quality"].values())
+    assert any(note.startswith("reference 1: registration kept ") for note in summary["notes"])  # the choice
 
     target = read_image(acdc / "patient002_ED_image.nii.gz")
     result, table = read_label(output)

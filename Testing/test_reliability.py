@@ -473,7 +473,7 @@ def test_outputs_of_random_weights_carry_the_marker(case):
 
 def test_top_k_zero_and_a_missing_demo_data_folder_are_refused(case, capsys, tmp_path):
     out = case / "out.nii.gz"
-    _refused(_args(case, out, extra=["--top-k", "0"]), capsys, out, "--top-k must be at least 1")
+    _refused(_args(case, out, extra=["--top-k", "0"]), capsys, out, "must be at least 1, got 0")
     assert main(["demo", "--data", str(tmp_path / "nonexistent"), "--output-dir", str(tmp_path / "demo")]) == 2
     assert "no ACDC data in --data" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
@@ -503,16 +503,16 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 FUZZ_EXAMPLES = int(os.environ.get("PROXYPROMPT_FUZZ_EXAMPLES", "12"))
 
 
-def _run_cli_checked(folder: Path, args, target: Path):
-    """main(args) must exit 0 with an output on the target's grid, or 2 with one line and no output; the inputs
-    (every file in `folder` before the run) must be unchanged either way."""
+def _run_cli_checked(folder: Path, args, target: Path, must_refuse: bool = False):
+    """main(args) must exit 0 with an output on the target's grid, or 2 with one line and no output (2 when
+    `must_refuse`); the inputs (every file in `folder` before the run) must be unchanged either way."""
     output = folder / "out" / "result.nii.gz"
     before = _digests(folder)
     stderr = StringIO()
     with redirect_stderr(stderr):
         code = main([*args, "--output", str(output)])
     lines = [line for line in stderr.getvalue().strip().splitlines() if line.startswith("proxyprompt:")]
-    assert code in (0, 2), (code, stderr.getvalue())
+    assert code in ((2,) if must_refuse else (0, 2)), (code, stderr.getvalue())
     if code == 0:
         assert read_label(output)[0].same_grid(read_image(target))
         output.unlink()
@@ -541,7 +541,8 @@ def _volumes(draw, shape=None):
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(target=_volumes(), reference=_volumes(), same_grid=st.booleans(), seed=st.integers(0, 2 ** 16),
        dtype=st.sampled_from(["int16", "uint8", "float32"]), constant=st.integers(0, 7).map(lambda n: n == 0),
-       label_values=st.lists(st.integers(0, 3), min_size=1, max_size=3),
+       label_values=st.lists(st.one_of(st.integers(0, 3), st.sampled_from([255, 256, 65535, 65536, 70000, 2 ** 31 - 1])),
+                             min_size=1, max_size=3),
        label_suffix=st.sampled_from([".nii.gz", ".nrrd", ".seg.nrrd"]))
 def test_property_random_volumes_and_labels_exit_0_on_the_target_grid_or_2_with_a_reason(
         target, reference, same_grid, seed, dtype, constant, label_values, label_suffix):
@@ -556,14 +557,19 @@ def test_property_random_volumes_and_labels_exit_0_on_the_target_grid_or_2_with_
             array = np.full(shape, 7) if constant and name == "target" else rng.integers(0, 200, shape)
             volumes[name] = Volume.from_geometry(array.astype(dtype), spacing, origin, direction)
             write_image(volumes[name], folder / f"{name}.nii.gz")
-        label = np.zeros(volumes["reference"].array.shape, np.uint8)
+        label = np.zeros(volumes["reference"].array.shape, np.int32)
         region = tuple(slice(s // 4, max(s // 4 + 1, 3 * s // 4)) for s in label.shape)
         label[region] = rng.choice(label_values, size=label[region].shape)
-        write_label(volumes["reference"].with_array(label), {}, folder / f"label{label_suffix}")
+        too_large = int(label.max()) > 65535
+        if too_large:  # written as int32 (write_label refuses such values); .seg.nrrd cannot hold them
+            label_suffix = ".nii.gz"
+            write_image(volumes["reference"].with_array(label), folder / "label.nii.gz")
+        else:
+            write_label(volumes["reference"].with_array(label), {}, folder / f"label{label_suffix}")
         args = ["segment", "--reference-image", str(folder / "reference.nii.gz"), "--reference-label",
                 str(folder / f"label{label_suffix}"), "--target", str(folder / "target.nii.gz"), "--model", "none",
                 "--generator", "registration", "--quiet"]
-        _run_cli_checked(folder, args, folder / "target.nii.gz")
+        _run_cli_checked(folder, args, folder / "target.nii.gz", must_refuse=bool(constant) or too_large)
 
 
 # NIfTI-1 header fields (byte offset, struct format) and values a hostile or broken writer puts there.
@@ -599,6 +605,7 @@ def test_property_hostile_nifti_headers_exit_0_or_2_and_leave_inputs_alone(edits
             if form == "<h":
                 value = int(max(-32768, min(32767, value))) if np.isfinite(value) else 0
             struct.pack_into(form, data, offset, value)
+        whole = len(data)
         if cut is not None:
             data = data[:cut]
         name = "hostile.nii.gz" if compress else "hostile.nii"
@@ -607,4 +614,6 @@ def test_property_hostile_nifti_headers_exit_0_or_2_and_leave_inputs_alone(edits
         target = name if role == "target" else "good.nii.gz"
         args = ["segment", "--reference-image", str(folder / image), "--reference-label", str(folder / "label.nii.gz"),
                 "--target", str(folder / target), "--model", "none", "--generator", "registration", "--quiet"]
-        _run_cli_checked(folder, args, folder / target)
+        size_fields = {"dim0", "dim1", "dim2", "dim3", "dim4", "datatype", "bitpix", "vox_offset"}
+        truncated = cut is not None and cut < whole and not size_fields & {field for field, _ in edits}
+        _run_cli_checked(folder, args, folder / target, must_refuse=truncated)

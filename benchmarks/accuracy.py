@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from proxyprompt.generators import list_generators
     from proxyprompt.generators.base import ReferenceCase
+    from proxyprompt.generators.propagation import execute_plan
     from proxyprompt.generators.registration import plan_from_label_stack
     from proxyprompt.generators.support_memory import FALLBACK_NOTE
     from proxyprompt.pipeline import Engine, compose_labels, keep_largest_components
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
                     from proxyprompt.generators.base import PromptPlan
 
                     plan = PromptPlan(objects=plan_from_label_stack(plan_truth, [1, 2, 3]))
-                    probabilities = engine.model.propagate(frames, plan)
+                    probabilities = execute_plan(engine.model, frames, plan)
                     stack = keep_largest_components(compose_labels(probabilities), [1, 2, 3])
                     label = frames.to_volume(stack).array
                     row = {"case": target_case, "reference": "ground truth", "phase": phase,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -37,11 +37,14 @@ def label_on_image_grid(label: Volume, image: Volume, label_name: str = "label")
     )
 
 
-def load_reference_case(image_path, label_path, label_table_path: Optional[str] = None) -> ReferenceCase:
+def load_reference_case(image_path, label_path, label_table_path: Optional[str] = None,
+                        annotated_slices: Optional[Sequence[int]] = None) -> ReferenceCase:
+    """The reference case from files; `annotated_slices` marks a sparse reference (the other slices are unknown)."""
     image = read_image(image_path)
     check_intensities(image.array, f"reference image {image_path}")
     label, table = read_label(label_path, label_table_path)
     label = label_on_image_grid(label, image, f"reference label {label_path}")
     if not np.any(label.array):
         raise InputError(f"reference label {label_path} is empty: nothing to segment")
-    return ReferenceCase(image=image, label=label, table=table)
+    annotated = None if annotated_slices is None else tuple(sorted({int(n) for n in annotated_slices}))
+    return ReferenceCase(image=image, label=label, table=table, annotated_slices=annotated)

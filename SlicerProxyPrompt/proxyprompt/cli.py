@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--corrections", help="labelmap on the target grid with corrected slices")
     seg.add_argument("--corrected-slices", type=_int_list,
                      help="which slices of --corrections were corrected (default: every non-empty slice)")
+    seg.add_argument("--annotated-slices", type=_int_list,
+                     help="sparse reference: the slices (along its acquisition axis) that were annotated; the others "
+                          "are unknown, not background (default: the slices that hold any label)")
     seg.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
     seg.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -129,6 +132,7 @@ def request_from_args(args) -> "SegmentRequest":
         target=args.target, output=args.output, label_table=args.label_table, generator=args.generator,
         model=args.model, checkpoint=args.checkpoint, labels=args.labels, slice_axis=args.slice_axis,
         corrections=args.corrections, corrected_slices=args.corrected_slices, cleanup=not args.no_cleanup,
+        annotated_slices=args.annotated_slices,
         generator_options={name: getattr(args, name) for name in sorted(generator_fields) if hasattr(args, name)},
         **{name: getattr(args, name) for name in EngineOptions.names()},
     )

@@ -19,11 +19,14 @@ from .volume import LabelTable, Volume
 
 @dataclass(frozen=True, eq=False)
 class ReferenceCase:
-    """An annotated case: image, label map on the image's grid, label table."""
+    """An annotated case: image, label map on the image's grid, label table. `annotated_slices`: for a sparse
+    reference, the slices (along its acquisition axis) that were annotated; the others are unknown, not background
+    (None: the slices holding any label, `proxyprompt.sparse`)."""
 
     image: Volume
     label: Volume
     table: LabelTable
+    annotated_slices: Optional[Tuple[int, ...]] = None
 
 
 @dataclass(eq=False)
@@ -103,6 +106,8 @@ class PromptPlan:
     start_frame: Optional[int] = None
     notes: List[str] = field(default_factory=list)
     optional_fields: Tuple[str, ...] = ()
+    # label value -> per-structure quality estimate ({"score": ..., evidence...}; proxyprompt.quality), if known
+    quality: Dict[int, dict] = field(default_factory=dict)
 
     @property
     def labels(self) -> List[int]:

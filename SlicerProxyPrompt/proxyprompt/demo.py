@@ -45,6 +45,7 @@ def run_demo(args) -> dict:
     from .service import RANDOM_WEIGHTS_NOTE, resolve_model_choice
     from .pipeline import Engine
     from .render import render_outlines
+    from .atomic import atomic_write
     from .volume import read_image, read_label, write_label
 
     acdc = find_data_dir(args.data)
@@ -84,6 +85,6 @@ def run_demo(args) -> dict:
         "dice": {v: row["dice"] for v, row in report["labels"].items()}, "mean_dice": report["mean_dice"],
         "seconds": round(result.timings["total"], 2),
     }
-    (out / f"{stem}.dice.json").write_text(json.dumps(report, indent=1))
+    atomic_write(out / f"{stem}.dice.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     sys.stderr.write(f"\n{title}\n{format_evaluation(report)}\nwrote {seg_path}, {nii_path}, {png_path}\n")
     return summary

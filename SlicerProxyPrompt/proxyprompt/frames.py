@@ -20,11 +20,13 @@ from .volume import Volume
 WINDOW_PERCENTILES = (0.5, 99.5)
 
 
-def slice_axis_of_spacing(spacing_xyz) -> int:
-    """Index axis (0 = i, 1 = j, 2 = k) with the largest spacing; spacings within 0.1 % of the largest tie, and ties
-    go to the slowest axis (k). The one slice-axis rule (frames and registration)."""
+def slice_axis_of_spacing(spacing_xyz, candidates=(0, 1, 2)) -> int:
+    """Index axis (0 = i, 1 = j, 2 = k), among `candidates`, with the largest spacing; spacings within 0.1 % of the
+    largest tie, and ties go to the slowest axis (k). The one slice-axis rule (frames and registration)."""
     spacing = np.asarray(spacing_xyz, dtype=float)
-    return int(np.flatnonzero(spacing >= spacing.max() * 0.999)[-1])
+    candidates = list(candidates)
+    largest = max(spacing[axis] for axis in candidates)
+    return int(max(axis for axis in candidates if spacing[axis] >= largest * 0.999))
 
 
 # A slice narrower than this (pixels) is not an image a model can read: a one-slice target cut across is
@@ -46,9 +48,7 @@ def choose_slice_axis(volume: Volume) -> int:
             f"the volume ({' x '.join(map(str, volume.size))} voxels) is too small to slice: every slicing axis "
             f"gives slices under {MIN_SLICE_SIDE} pixels on a side"
         )
-    spacing_kji = np.asarray(volume.spacing[::-1], dtype=float)
-    largest = max(spacing_kji[axis] for axis in usable)
-    return min(axis for axis in usable if spacing_kji[axis] >= largest * 0.999)
+    return 2 - slice_axis_of_spacing(volume.spacing, [2 - axis for axis in usable])  # array axis <-> index axis
 
 
 def check_slice_axis(volume: Volume, axis: int) -> None:

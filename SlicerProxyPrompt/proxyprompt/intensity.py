@@ -214,3 +214,31 @@ def refine_by_intensity(target_image: Volume, probabilities: Dict[int, np.ndarra
         posterior[box][region] = posterior_cn[index]
         posteriors[value] = posterior
     return label, posteriors
+
+
+def contrast_separability(target_image: Volume, label_kji: np.ndarray, ring_mm: float = 5.0,
+                          bins: int = 32) -> Dict[int, float]:
+    """Per label: how distinct the target's intensities inside it are from those in a ring just outside all the
+    labels (1 - the overlap of the two normalised histograms; 0 = the same intensities, 1 = disjoint).
+
+    The intensity stage can only redraw a border that the contrast shows: on ACDC the blood pools stand out
+    (0.65-0.80 with the true labels), on the MSD hippocampus crops nothing does (0.39-0.57).
+    """
+    label_kji = np.asarray(label_kji)
+    values = [int(v) for v in np.unique(label_kji) if v != 0]
+    if not values:
+        return {}
+    spacing = target_image.spacing
+    ring = _within_mm(label_kji > 0, spacing, ring_mm) & (label_kji == 0)
+    image = np.asarray(target_image.array, dtype=np.float64)
+    if not ring.any():
+        return {v: 0.0 for v in values}
+    low, high = np.percentile(image[ring | (label_kji > 0)], (1.0, 99.0))
+    high = max(float(high), float(low) + 1e-6)
+
+    def histogram(mask):
+        counts, _ = np.histogram(np.clip(image[mask], low, high), bins=bins, range=(low, high))
+        return counts / max(int(counts.sum()), 1)
+
+    around = histogram(ring)
+    return {v: float(1.0 - np.minimum(histogram(label_kji == v), around).sum()) for v in values}

@@ -6,7 +6,7 @@
     engine.segment(..., corrections=Corrections(...))   # re-run: cached image features are reused
 
 Flow (data moves one way): frames -> generator -> PromptPlan -> checked against the model's capabilities ->
-model.propagate -> probabilities (-> generator.refine -> another plan, up to `EngineOptions.refinement_rounds`) ->
+executed (`generators.propagation.execute_plan`: the model's own memory propagation, or slice by slice) -> probabilities (-> generator.refine -> another plan, up to `EngineOptions.refinement_rounds`) ->
 label map (threshold, overlap by highest probability, per-structure cleanup) -> corrected slices copied
 in unchanged -> back to the target grid.
 
@@ -31,6 +31,7 @@ from .options import EngineOptions, default_fusion_top_k
 from .progress import ProgressCallback, check_cancel
 from .frames import SliceStack, make_slice_stack
 from .generators.base import GeneratorContext, get_generator
+from .generators.propagation import execute_plan
 from .volume import LabelTable, Volume
 
 log = logging.getLogger("proxyprompt")
@@ -261,6 +262,7 @@ class Engine:
             "notes": notes,
             "refinement_rounds": rounds,
             "options": generator_options.to_dict(),
+            "quality": dict(plan.quality),
         }
         if self.model is not None:
             info["encoder_calls"] = self.model.encoder_calls
@@ -287,7 +289,7 @@ class Engine:
                 raise InputError(f"generator '{generator_name}' gives no mask prior, so it needs a model (not 'none')")
             return plan, {v: plan.objects[v].prior for v in label_values}
         plan = check_plan(plan, self.model.capabilities, self.model_name, generator_name)
-        return plan, self.model.propagate(frames, plan, correction_plan, progress=progress, cancel=cancel)
+        return plan, execute_plan(self.model, frames, plan, correction_plan, progress=progress, cancel=cancel)
 
     @staticmethod
     def _corrections(corrections: Optional[Volume], corrected_slices, frames: SliceStack) -> Optional[Corrections]:

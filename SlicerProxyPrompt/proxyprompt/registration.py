@@ -42,15 +42,22 @@ is "copy without registration"), ``"centred"`` (copy after a translation that al
 centres: the 'copy' row of REFERENCES.md section 7), ``"located"`` (step 1 only), ``"affine"``
 (steps 1-2), ``"deformable"`` (1-3), ``"intensity"`` (1-3 and 5).
 
-Measured on ACDC (see ``docs/benchmarks.md``, ``benchmarks/registration.py``).
+Measured on ACDC (see ``docs/benchmarks.md``, ``benchmarks/registration.py``). This pipeline was tuned on cardiac
+cine and can fail elsewhere; the registration generator runs it as one of several candidates
+(`proxyprompt.registration_candidates`, ``benchmarks/oneshot.py``).
+
+Deterministic: SimpleITK runs on `FIXED_THREADS` threads inside `register_case` (`fixed_threads`), metric sampling
+is seeded, candidate scores are rounded to `SCORE_DECIMALS` before they are compared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -58,6 +65,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .metrics import dice
 from .progress import ProgressCallback, check_cancel, report
+from .quality import label_agreement, structure_quality
 from .filters import gaussian_mm, largest_component, signed_distance_mm
 from .frames import slice_axis_of_spacing, window_intensities
 from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
@@ -65,6 +73,11 @@ from .volume import Volume
 
 METHODS = ("copy", "centred", "located", "affine", "deformable", "intensity")
 FUSIONS = ("vote", "mean", "staple")
+# SimpleITK runs on this many threads inside the registration whatever the machine's default: its sums (metric
+# values and gradients) are then reduced in one order, so the same inputs give the same output bit for bit on any
+# thread count (measured: with the machine's 2 threads the affine parameters differed in the 10th digit from 1).
+FIXED_THREADS = 1
+SCORE_DECIMALS = 4  # candidate scores equal to this many decimals are a tie (float noise never decides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +148,21 @@ class RegisteredCase:
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
+_THREADS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def fixed_threads():
+    """SimpleITK's default thread count set to `FIXED_THREADS` for the block (restored after; reentrant)."""
+    with _THREADS_LOCK:
+        previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(FIXED_THREADS)
+        try:
+            yield
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
 def _label_values(label: Volume) -> List[int]:
     return [int(v) for v in np.unique(label.array) if v != 0]
 
@@ -369,7 +397,9 @@ def _masked_correlation(target: sitk.Image, ref_image: sitk.Image, mask: sitk.Im
     mask_array = sitk.GetArrayViewFromImage(mask) > 0
     if mask_array.sum() < 10:
         return -1.0
-    warped = sitk.GetArrayViewFromImage(_resample(ref_image, target, transform))
+    # a copy, not a view: a view of the temporary resampled image would read freed memory once it is collected
+    # (that made the candidate choice, and so the output, differ between identical runs)
+    warped = sitk.GetArrayFromImage(_resample(ref_image, target, transform))
     return _ncc(sitk.GetArrayViewFromImage(target)[mask_array], warped[mask_array])
 
 
@@ -414,6 +444,7 @@ def _refine_affine(target: sitk.Image, ref_image: sitk.Image, ref_distance: sitk
     transform = _conjugate(initial, rotation, origin, to_local=True)
 
     method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(FIXED_THREADS)
     method.SetMetricAsCorrelation()
     method.SetMetricFixedMask(local_mask)
     method.SetMetricSamplingStrategy(method.REGULAR if settings.affine_regular_sampling else method.RANDOM)
@@ -506,6 +537,7 @@ def _demons_pyramid(fixed: sitk.Image, moving: sitk.Image, settings: Registratio
             f_level, m_level = fixed, moving
         level_spacing = np.asarray(f_level.GetSpacing())
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        demons.SetNumberOfThreads(FIXED_THREADS)
         demons.SetNumberOfIterations(int(iterations))
         demons.SetSmoothDisplacementField(True)
         # standard deviations are in voxels of this level; the physical sigma is kept
@@ -533,8 +565,12 @@ def _deformable(target: sitk.Image, ref_image: sitk.Image, ref_distance: sitk.Im
     lower, size = box
     fixed = sitk.RegionOfInterest(target, size, lower)
     moving = _resample(ref_image, fixed, affine)
-    moving = sitk.HistogramMatching(moving, fixed, numberOfHistogramLevels=64, numberOfMatchPoints=7,
-                                    thresholdAtMeanIntensity=True)
+    matching = sitk.HistogramMatchingImageFilter()
+    matching.SetNumberOfThreads(FIXED_THREADS)
+    matching.SetNumberOfHistogramLevels(64)
+    matching.SetNumberOfMatchPoints(7)
+    matching.SetThresholdAtMeanIntensity(True)
+    moving = matching.Execute(moving, fixed)
     axis = _slice_axis(target)
     spacing = np.asarray(target.GetSpacing())
     in_plane = np.delete(spacing, axis)
@@ -605,7 +641,14 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
     centres), ``"located"``, ``"affine"``, ``"deformable"``, ``"intensity"`` (see the module docstring).
     ``cancel``: optional object with ``is_set()``, checked between stages (raises `Cancelled`).
     ``keep_stages``: also return the label after each stage (``RegisteredCase.stages``).
+    Deterministic: the same inputs give the same output whatever SimpleITK's thread count (`fixed_threads`).
     """
+    with fixed_threads():
+        return _register_case(reference_image, reference_label, target_image, method, cancel, settings, keep_stages)
+
+
+def _register_case(reference_image: Volume, reference_label: Volume, target_image: Volume, method: str, cancel,
+                   settings: RegistrationSettings, keep_stages: bool) -> RegisteredCase:
     start = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"unknown registration method {method!r}; choose one of {', '.join(METHODS)}")
@@ -653,19 +696,22 @@ def register_case(reference_image: Volume, reference_label: Volume, target_image
                 check_cancel(cancel)
                 refined = _refine_affine(target, ref_image, ref_distance, initial,
                                          screen if len(candidates) > 1 else settings)
-                score = _similarity(target, ref_image, ref_distance, refined, settings.affine_margin_mm)
+                score = round(_similarity(target, ref_image, ref_distance, refined, settings.affine_margin_mm),
+                              SCORE_DECIMALS)
                 if best is None or score > best[0]:
                     best = (score, refined)
             if len(candidates) > 1:
                 check_cancel(cancel)
                 refined = _refine_affine(target, ref_image, ref_distance, best[1], settings)
-                score = _similarity(target, ref_image, ref_distance, refined, settings.affine_margin_mm)
+                score = round(_similarity(target, ref_image, ref_distance, refined, settings.affine_margin_mm),
+                              SCORE_DECIMALS)
                 if score >= best[0]:
                     best = (score, refined)
             info["affine_score"] = best[0]
             transform = best[1]
             record("affine", transform)
         linear = transform
+        info["linear"] = linear
         if method in ("deformable", "intensity"):
             check_cancel(cancel)
             transform = _deformable(target, ref_image, ref_distance, transform, settings)
@@ -748,7 +794,7 @@ def rank_references(results: Sequence[RegisteredCase], select: str = "agreement"
     ``"combined"``: by the sum of both ranks (ties by similarity).
     """
     count = len(results)
-    by_similarity = sorted(range(count), key=lambda i: -results[i].similarity)
+    by_similarity = sorted(range(count), key=lambda i: -round(results[i].similarity, SCORE_DECIMALS))
     if select == "similarity" or count < 3:
         return by_similarity
     agreement = np.zeros(count)
@@ -757,7 +803,7 @@ def rank_references(results: Sequence[RegisteredCase], select: str = "agreement"
             score = _mean_dice(results[a].label.array, results[b].label.array)
             agreement[a] += score
             agreement[b] += score
-    by_agreement = sorted(range(count), key=lambda i: -agreement[i])
+    by_agreement = sorted(range(count), key=lambda i: -round(float(agreement[i]), SCORE_DECIMALS))
     if select == "agreement":
         return by_agreement
     if select != "combined":
@@ -790,10 +836,13 @@ def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top
     _check_fusion_arguments(fusion, top_k)
     order = rank_references(results, select)
     chosen = order[:top_k] if top_k is not None else order
-    fused = fuse_labels(
-        [results[i].label for i in chosen], fusion,
-        [results[i].probabilities for i in chosen] if fusion == "mean" else None,
-    )
+    if any("known" in results[i].info for i in chosen):
+        fused = _fuse_known(results, chosen)
+    else:
+        fused = fuse_labels(
+            [results[i].label for i in chosen], fusion,
+            [results[i].probabilities for i in chosen] if fusion == "mean" else None,
+        )
     if cleanup:
         fused = keep_largest_component(fused)
     values = sorted({v for i in chosen for v in results[i].probabilities})
@@ -805,18 +854,66 @@ def fuse_registered(results: Sequence[RegisteredCase], fusion: str = "vote", top
     return fused, {"chosen": chosen, "probabilities": mean_probabilities}
 
 
+def _fuse_known(results: Sequence[RegisteredCase], chosen: Sequence[int]) -> Volume:
+    """Mean of the soft labels weighted by each reference's known mask (`proxyprompt.sparse`): where a sparse
+    reference knows nothing it casts no vote; where no chosen reference knows anything the result is 0."""
+    shape = results[chosen[0]].label.array.shape
+    weight = np.zeros(shape, dtype=np.float32)
+    values = sorted({v for i in chosen for v in results[i].probabilities})
+    summed = {v: np.zeros(shape, dtype=np.float32) for v in values}
+    for i in chosen:
+        known = results[i].info.get("known")
+        known = np.ones(shape, dtype=np.float32) if known is None else known
+        weight += known
+        for v, p in results[i].probabilities.items():
+            summed[v] += known * p
+    informed = weight >= 0.5
+    fused = {v: np.where(informed, summed[v] / np.maximum(weight, 1e-6), 0.0).astype(np.float32) for v in values}
+    return results[chosen[0]].label.with_array(labels_from_probabilities(fused, shape))
+
+
+def warp_known(known: Volume, target_image: Volume, transform: sitk.Transform) -> np.ndarray:
+    """A sparse reference's known mask warped onto the target's grid (float32 in [0, 1])."""
+    return _warp_labels(known, target_image.to_sitk(), transform, [1])[1]
+
+
+def fused_quality(results: Sequence[RegisteredCase], chosen: Sequence[int], fused: Volume) -> Dict[int, dict]:
+    """Per-structure quality of a (fused) registration result: the chosen references' own evidence
+    (``info["quality_evidence"]``: candidate / intensity agreement), their agreement with the fused label when
+    several are fused, and their image match (`proxyprompt.quality.structure_quality`)."""
+    values = sorted({v for i in chosen for v in results[i].probabilities})
+    evidence: Dict[str, Dict[int, float]] = {}
+    for name in sorted({n for i in chosen for n in results[i].info.get("quality_evidence", {})}):
+        per_label = [results[i].info["quality_evidence"][name] for i in chosen
+                     if name in results[i].info.get("quality_evidence", {})]
+        evidence[name] = {v: float(np.mean([p[v] for p in per_label if v in p])) for v in values
+                          if any(v in p for p in per_label)}
+    if len(chosen) > 1:
+        evidence["references"] = label_agreement(fused.array, [results[i].label.array for i in chosen], values)
+    similarity = float(np.mean([results[i].info.get("alignment_ncc", results[i].similarity) for i in chosen]))
+    return structure_quality(values, similarity, evidence)
+
+
 def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_image: Volume,
                             method: str = "intensity", fusion: str = "vote", top_k: Optional[int] = None,
                             cleanup: bool = True, cancel=None,
                             progress: Optional[ProgressCallback] = None,
                             settings: RegistrationSettings = DEFAULT_SETTINGS,
-                            select: str = "agreement") -> Tuple[Volume, dict]:
+                            select: str = "agreement", register: Optional[Callable[..., RegisteredCase]] = None,
+                            known: Optional[Sequence[Optional[Volume]]] = None) -> Tuple[Volume, dict]:
     """Register every reference (image, label) to the target and fuse the `top_k` best.
 
+    ``register``: the one-pair registration, called as ``register(image, label, target, method, cancel,
+    settings)`` (default `register_case`; `registration_candidates.register_robust` runs several pipelines).
+    ``known``: per reference, None (dense) or its known mask (`proxyprompt.sparse`): warped with the labels, and
+    the fusion counts a reference only where it is known.
     Returns the label on the target's grid and an info dict: ``similarity`` (per reference, input
     order), ``chosen`` (indices of the fused references, best first), ``seconds``,
-    ``seconds_per_reference``, ``method``, ``fusion``, ``probabilities`` (mean soft maps of the chosen).
+    ``seconds_per_reference``, ``method``, ``fusion``, ``probabilities`` (mean soft maps of the chosen),
+    ``reference_info`` (each reference's `RegisteredCase.info`), ``quality`` (label value -> estimate,
+    `proxyprompt.quality`).
     """
+    register = register or register_case
     start = time.perf_counter()
     references = list(references)
     if not references:
@@ -827,7 +924,9 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
         check_cancel(cancel)
         report(progress, "register", index, len(references) + 1,
                f"registering reference {index + 1} of {len(references)}")
-        results.append(register_case(image, label, target_image, method, cancel, settings))
+        results.append(register(image, label, target_image, method, cancel, settings))
+        if known is not None and known[index] is not None:
+            results[-1].info["known"] = warp_known(known[index], target_image, results[-1].transform)
     check_cancel(cancel)
     report(progress, "register", len(references), len(references) + 1, f"fusing label maps ({fusion})")
     fused, fused_info = fuse_registered(results, fusion, top_k, cleanup, select)
@@ -840,6 +939,8 @@ def segment_by_registration(references: Sequence[Tuple[Volume, Volume]], target_
         "seconds_per_reference": [r.seconds for r in results],
         "seconds": time.perf_counter() - start,
         "probabilities": fused_info["probabilities"],
+        "reference_info": [r.info for r in results],
+        "quality": fused_quality(results, fused_info["chosen"], fused),
     }
     report(progress, "register", len(references) + 1, len(references) + 1, "done")
     return fused, info

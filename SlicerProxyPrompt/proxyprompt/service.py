@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple
 from .errors import InputError
 from .options import EngineOptions, default_fusion_top_k  # noqa: F401  (the fusion top-k policy, re-exported)
 from .progress import ProgressCallback, check_cancel, report
+from .quality import LOW_QUALITY_PREFIX
 
 log = logging.getLogger("proxyprompt")
 
@@ -44,6 +45,9 @@ class SegmentRequest:
     corrections: Optional[str] = None
     corrected_slices: Optional[List[int]] = None
     cleanup: bool = True
+    # sparse references: the annotated slices (along the reference's acquisition axis) of every reference; the others
+    # are unknown, not background (None: the slices that hold any label)
+    annotated_slices: Optional[List[int]] = None
     generator_options: Dict[str, object] = field(default_factory=dict)
     # EngineOptions' fields (their defaults are EngineOptions' own)
     device: str = EngineOptions.device
@@ -145,7 +149,7 @@ class EngineSession:
         report(progress, "read", 0, len(request.reference_images) + 1)
         references = []
         for index, (image, label) in enumerate(zip(request.reference_images, request.reference_labels)):
-            references.append(load_reference_case(image, label, request.label_table))
+            references.append(load_reference_case(image, label, request.label_table, request.annotated_slices))
             report(progress, "read", index + 1, len(request.reference_images) + 1)
         target = read_image(request.target, max_voxels=MAX_TARGET_VOXELS)
         check_intensities(target.array, f"target {request.target}")
@@ -193,10 +197,12 @@ class EngineSession:
             "notes": result.info["notes"],
             "options": result.info["options"],
             "refinement_rounds": result.info["refinement_rounds"],
+            # label value (JSON key: text) -> {"score", evidence...}; a warning is in the notes when a score is low
+            "quality": {str(v): q for v, q in result.info.get("quality", {}).items()},
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
         if "encoder_calls" in result.info:
             summary["encoder_calls"] = result.info["encoder_calls"]
         for note in result.info["notes"]:  # what the generator did (which slices it matched, how well): the user checks
-            log.info("%s", note)
+            (log.warning if note.startswith(LOW_QUALITY_PREFIX) else log.info)("%s", note)
         return summary

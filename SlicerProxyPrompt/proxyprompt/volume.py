@@ -252,7 +252,13 @@ def _normalise_color(color) -> Tuple[float, float, float]:
 
 def write_label_table(table: LabelTable, path) -> None:
     payload = {str(v): {"name": info.name, "color": list(info.color)} for v, info in sorted(table.items())}
-    Path(path).write_text(json.dumps(payload, indent=1))
+    text = json.dumps(payload, indent=1)
+
+    def verify(temporary: str) -> None:
+        if Path(temporary).read_text() != text:
+            raise InputError("the label table read back differs from the one written")
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), verify)
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -3,25 +3,54 @@
 With model `none` the warped labels are the result (works with no GPU and no weights: the baseline every
 other generator must beat). With a model, they become per-slice prompts: a mask prior, a box per slice,
 and the slice range where each structure is expected (the stopping rule of propagation).
+
+For methods deformable / intensity (the defaults) every reference is registered by several pipelines and one is
+kept by label-free evidence (`proxyprompt.registration_candidates`); the plan carries a per-structure quality
+estimate (`PromptPlan.quality`, `proxyprompt.quality`) and a LOW CONFIDENCE note when it is low. Options
+(`RegistrationOptions`): ``registration_method``, ``registration_candidates`` (comma-separated subset of
+`registration_candidates.CANDIDATES`); fusion of several references is the engine's (`EngineOptions`). A sparse
+reference (`ReferenceCase.annotated_slices`, `proxyprompt.sparse`) counts only where it is known.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Tuple
+
 import numpy as np
 
-from dataclasses import dataclass
-from typing import Optional
-
+from ..errors import InputError
 from ..frames import bounding_box
 from ..options import REGISTRATION_METHODS, Options, option
+from ..quality import quality_warnings
+from ..registration import segment_by_registration
+from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choice, register_robust
+from ..sparse import prepare_reference
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
 
 
 @dataclass(frozen=True)
 class RegistrationOptions(Options):
     registration_method: Optional[str] = option(
-        None, "registration stages (default: intensity = locate, affine, demons, intensity EM with --model none; "
+        None, "registration stages (default: intensity = several registration pipelines, the best by label-free "
+              "evidence, then the intensity EM where the target's contrast shows the structures, with --model none; "
               "deformable = without the EM as a model's prior)", str, REGISTRATION_METHODS)
+    registration_candidates: Optional[str] = option(
+        None, "comma-separated registration pipelines a pair is chosen among by label-free evidence "
+              f"(default: all of {','.join(CANDIDATES)}; 'locate' = the cardiac-tuned pipeline alone)", str)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.candidates()) - set(CANDIDATES))
+        if unknown:
+            raise InputError(f"option registration_candidates: unknown pipeline(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(CANDIDATES)}")
+
+    def candidates(self) -> Tuple[str, ...]:
+        if not self.registration_candidates:
+            return CANDIDATES
+        return tuple(name.strip() for name in self.registration_candidates.split(",") if name.strip())
 
 
 def plan_from_label_stack(label_stack: np.ndarray, labels, box_margin: int = 0) -> dict:
@@ -60,16 +89,25 @@ class RegistrationGenerator(Generator):
     Options = RegistrationOptions
 
     def plan(self, context: GeneratorContext) -> PromptPlan:
-        return self.plan_with_method(context, self.options_of(context).registration_method)
+        options = self.options_of(context)
+        return self.plan_with_method(context, options.registration_method, options.candidates())
 
     @staticmethod
-    def plan_with_method(context: GeneratorContext, method: Optional[str]) -> PromptPlan:
+    def plan_with_method(context: GeneratorContext, method: Optional[str],
+                         candidates: Tuple[str, ...] = CANDIDATES) -> PromptPlan:
         """The plan from the registered reference label(s) (None: the default method for the model); fusion of
         several references as the engine's options say. Also the support-memory generator's fallback."""
-        from ..registration import segment_by_registration
-
-        pairs = [(reference.image, reference.label) for reference in context.references]
+        pairs, known, sparse_notes = [], [], []
+        for index, reference in enumerate(context.references):
+            # sparse references: unannotated slices are unknown, never background (proxyprompt.sparse)
+            label, known_mask, note = prepare_reference(reference.label, reference.annotated_slices)
+            pairs.append((reference.image, label))
+            known.append(known_mask)
+            if note:
+                sparse_notes.append(f"reference {index + 1}: {note}")
         method = method or default_registration_method(context.model)
+        # several registration pipelines per reference, one kept by label-free evidence (registration_candidates)
+        register = partial(register_robust, candidates=candidates) if method in ROBUST_METHODS else None
         fused, info = segment_by_registration(
             pairs,
             context.target_image,
@@ -81,6 +119,8 @@ class RegistrationGenerator(Generator):
             cleanup=context.model is not None,
             cancel=context.cancel,
             progress=context.progress,
+            register=register,
+            known=known,
         )
         label_stack = context.target_frames.labels(fused)
         # the prior is what a model without a prior input cannot use; boxes and slice ranges still prompt it
@@ -88,4 +128,12 @@ class RegistrationGenerator(Generator):
         plan.notes.append(
             f"registration ({method}) of {len(pairs)} reference(s)"
         )
+        plan.notes.extend(sparse_notes)
+        for index in info["chosen"]:
+            reference_info = info["reference_info"][index]
+            if "candidates" in reference_info:
+                plan.notes.append(f"reference {index + 1}: {describe_choice(reference_info)}")
+        plan.quality = info["quality"]
+        names = {v: context.references[0].table[v].name for v in context.labels if v in context.references[0].table}
+        plan.notes.extend(quality_warnings(plan.quality, names))
         return plan

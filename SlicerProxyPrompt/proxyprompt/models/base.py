@@ -130,5 +130,7 @@ class SliceModel:
         raise InputError(f"model '{self.name}' offers no per-pixel features")
 
     def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
-        """Execute a PromptPlan: label -> [N, H, W] float32 foreground probability on the frames."""
+        """Models with memory (capability `memory`) execute a PromptPlan themselves: label -> [N, H, W] float32
+        foreground probability on the frames. Models without memory are driven slice by slice
+        (`generators.propagation`) through `predict_slice(frame, box, mask_prior, frames=, embedding=)`."""
         raise NotImplementedError  # pragma: no cover - interface
