@@ -67,3 +67,10 @@ def acdc_small_pair(acdc, tmp_path_factory) -> Path:
     write_image(oblique, folder / "target_oblique.nrrd")
     write_image(oblique.with_array(truth.array), folder / "target_oblique_label.nrrd")
     return folder
+
+
+def segment_args(folder, output, image="image.nii.gz", label="label.nii.gz", target="image.nii.gz", extra=()):
+    """`proxyprompt segment` arguments for the registration path (model none) on files in `folder`."""
+    return ["segment", "--reference-image", str(folder / image), "--reference-label", str(folder / label),
+            "--target", str(folder / target), "--output", str(output), "--model", "none",
+            "--generator", "registration", "--quiet", *extra]

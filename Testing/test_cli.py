@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from proxyprompt.cli import main
 from proxyprompt.volume import Volume, read_image, read_label, write_image, write_label
+from conftest import segment_args
 
 BIN = Path(sys.executable).parent
 
@@ -108,12 +109,6 @@ def small_case(tmp_path):
     return tmp_path
 
 
-def _args_for(folder, output, image="image.nii.gz", label="label.nii.gz", target="image.nii.gz", extra=()):
-    return ["segment", "--reference-image", str(folder / image), "--reference-label", str(folder / label),
-            "--target", str(folder / target), "--output", str(output), "--model", "none",
-            "--generator", "registration", "--quiet", *extra]
-
-
 def test_bad_inputs_give_exit_2_and_no_output(small_case, capsys):
     folder = small_case
     out = folder / "out.nii.gz"
@@ -125,17 +120,17 @@ def test_bad_inputs_give_exit_2_and_no_output(small_case, capsys):
                 folder / "empty.nii.gz")
     (folder / "garbage.nii.gz").write_bytes(b"\x00garbage")
 
-    _expect_bad_input(_args_for(folder, out, target="flat.nii.gz"), capsys, out, "2D")
-    _expect_bad_input(_args_for(folder, out, target="cine.nii.gz"), capsys, out, "4D")
-    _expect_bad_input(_args_for(folder, out, label="wide.nii.gz"), capsys, out, "does not match")
-    _expect_bad_input(_args_for(folder, out, label="empty.nii.gz"), capsys, out, "empty")
-    _expect_bad_input(_args_for(folder, out, extra=["--labels", "1,7"]), capsys, out, "lacks")
-    _expect_bad_input(_args_for(folder, out, target="garbage.nii.gz"), capsys, out, "cannot read")
-    _expect_bad_input(_args_for(folder, out, target="nowhere.nii.gz"), capsys, out, "not found")
+    _expect_bad_input(segment_args(folder, out, target="flat.nii.gz"), capsys, out, "2D")
+    _expect_bad_input(segment_args(folder, out, target="cine.nii.gz"), capsys, out, "4D")
+    _expect_bad_input(segment_args(folder, out, label="wide.nii.gz"), capsys, out, "does not match")
+    _expect_bad_input(segment_args(folder, out, label="empty.nii.gz"), capsys, out, "empty")
+    _expect_bad_input(segment_args(folder, out, extra=["--labels", "1,7"]), capsys, out, "lacks")
+    _expect_bad_input(segment_args(folder, out, target="garbage.nii.gz"), capsys, out, "cannot read")
+    _expect_bad_input(segment_args(folder, out, target="nowhere.nii.gz"), capsys, out, "not found")
     missing_folder_output = folder / "no" / "such" / "out.nii.gz"
-    _expect_bad_input(_args_for(folder, missing_folder_output), capsys, missing_folder_output, "folder does not exist")
-    _expect_bad_input(_args_for(folder, folder / "out.png"), capsys, folder / "out.png", "must end with")
-    bad_model = _args_for(folder, out)
+    _expect_bad_input(segment_args(folder, missing_folder_output), capsys, missing_folder_output, "folder does not exist")
+    _expect_bad_input(segment_args(folder, folder / "out.png"), capsys, folder / "out.png", "must end with")
+    bad_model = segment_args(folder, out)
     bad_model[bad_model.index("--model") + 1] = "sam9000"
     _expect_bad_input(bad_model, capsys, out, "sam9000")
 
@@ -145,7 +140,7 @@ def test_too_large_target_is_refused_before_loading(small_case, capsys):
         "ObjectType = Image\nNDims = 3\nDimSize = 2048 2048 512\nElementSpacing = 1 1 1\n"
         "ElementType = MET_SHORT\nElementDataFile = huge.raw\n")
     out = small_case / "out.nii.gz"
-    _expect_bad_input(_args_for(small_case, out, target="huge.mhd"), capsys, out, "limit")
+    _expect_bad_input(segment_args(small_case, out, target="huge.mhd"), capsys, out, "limit")
 
 
 def test_usage_errors_exit_2(capsys):

@@ -22,7 +22,7 @@ from proxyprompt.errors import CheckpointError, InputError, OutputWriteError
 from proxyprompt.frames import choose_slice_axis, make_slice_stack
 from proxyprompt.volume import Volume, read_image, read_label, read_output_note, write_image, write_label
 
-from conftest import oblique_direction
+from conftest import oblique_direction, segment_args
 
 BIN = Path(sys.executable).parent
 SHAPE = (6, 20, 20)
@@ -42,12 +42,6 @@ def case(tmp_path):
     write_image(image, tmp_path / "image.nii.gz")
     write_label(image.with_array(label), {}, tmp_path / "label.nii.gz")
     return tmp_path
-
-
-def _args(folder, output, image="image.nii.gz", label="label.nii.gz", target="image.nii.gz", extra=()):
-    return ["segment", "--reference-image", str(folder / image), "--reference-label", str(folder / label),
-            "--target", str(folder / target), "--output", str(output), "--model", "none",
-            "--generator", "registration", "--quiet", *extra]
 
 
 def _digests(folder: Path) -> dict:
@@ -92,7 +86,7 @@ def test_output_that_resolves_to_an_input_is_refused_and_the_input_kept(case, ca
                corrections]
     (case / "sub").mkdir()
     for output in outputs:
-        assert main(_args(case, output, extra=["--corrections", str(corrections)])) == 2
+        assert main(segment_args(case, output, extra=["--corrections", str(corrections)])) == 2
         line = capsys.readouterr().err.strip().splitlines()
         assert len(line) == 1 and "refusing to overwrite an input" in line[0], line
     assert _digests(case) == before
@@ -111,7 +105,7 @@ def _short_writer(real):
 def test_a_short_write_is_an_error_and_leaves_no_file(case, capsys, monkeypatch, suffix):
     monkeypatch.setattr(sitk, "WriteImage", _short_writer(sitk.WriteImage))
     output = case / f"out{suffix}"
-    line = _refused(_args(case, output), capsys, output, "does not read back", code=1)
+    line = _refused(segment_args(case, output), capsys, output, "does not read back", code=1)
     assert str(output) in line
     assert not output.exists()
 
@@ -161,21 +155,21 @@ def test_a_full_disk_gives_exit_1_and_no_file(case, small_tmpfs, capsys):
     with pytest.raises(OSError):  # fill the disk
         (small_tmpfs / "ballast").write_bytes(b"\0" * 128 * 1024)
     capsys.readouterr()
-    line = _refused(_args(case, small_tmpfs / "out.nii"), capsys, small_tmpfs / "out.nii", "nothing was written",
+    line = _refused(segment_args(case, small_tmpfs / "out.nii"), capsys, small_tmpfs / "out.nii", "nothing was written",
                     code=1)
     assert "disk is full" in line or "no space left" in line
 
 
 def test_a_read_only_folder_is_refused_up_front(case, small_tmpfs, capsys):
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
-    _refused(_args(case, small_tmpfs / "out.nii.gz"), capsys, small_tmpfs / "out.nii.gz", "read-only")
+    _refused(segment_args(case, small_tmpfs / "out.nii.gz"), capsys, small_tmpfs / "out.nii.gz", "read-only")
 
 
 def test_output_folder_that_is_a_file_and_overlong_names_are_refused(case, capsys):
     (case / "afile").write_text("x")
-    _refused(_args(case, case / "afile" / "out.nii.gz"), capsys, case / "afile" / "out.nii.gz", "is a file")
+    _refused(segment_args(case, case / "afile" / "out.nii.gz"), capsys, case / "afile" / "out.nii.gz", "is a file")
     long_name = case / ("x" * 300 + ".nii.gz")
-    _refused(_args(case, long_name), capsys, long_name, "too long")
+    _refused(segment_args(case, long_name), capsys, long_name, "too long")
 
 
 def test_stale_partial_files_of_dead_or_old_writers_are_cleaned(case):
@@ -228,12 +222,12 @@ def test_truncated_and_corrupt_nifti_files_are_refused(case, tmp_path, capsys):
         assert str(case / name) in str(refused.value)
     before = _digests(case)
     out = case / "out.nii.gz"
-    line = _refused(_args(case, out, target="half.nii.gz"), capsys, out, "truncated")
+    line = _refused(segment_args(case, out, target="half.nii.gz"), capsys, out, "truncated")
     assert "half.nii.gz" in line
-    line = _refused(_args(case, out, image="crc.nii.gz"), capsys, out, "corrupt")
+    line = _refused(segment_args(case, out, image="crc.nii.gz"), capsys, out, "corrupt")
     assert "crc.nii.gz" in line
     (case / "label_half.nii.gz").write_bytes((case / "label.nii.gz").read_bytes()[:150])
-    _refused(_args(case, out, label="label_half.nii.gz"), capsys, out, "label_half.nii.gz")
+    _refused(segment_args(case, out, label="label_half.nii.gz"), capsys, out, "label_half.nii.gz")
     after = _digests(case)
     assert after.pop("label_half.nii.gz") and after == before
 
@@ -287,7 +281,7 @@ def test_images_without_contrast_or_with_non_finite_values_are_refused_naming_th
         for name, reason in [("zero.nii.gz", "no contrast"), ("constant.nii.gz", "no contrast"),
                              ("nan.nrrd", "non-finite"), ("inf.mha", "non-finite"),
                              ("nan.nii.gz", "non-finite"), ("inf.nii", "non-finite")]:
-            line = _refused(_args(case, out, **{role: name}), capsys, out, reason)
+            line = _refused(segment_args(case, out, **{role: name}), capsys, out, reason)
             assert name in line and ("target" if role == "target" else "reference image") in line
 
 
@@ -337,7 +331,7 @@ def test_label_values_above_65535_are_refused_for_any_integer_width(case, capsys
     label = read_label(case / "label.nii.gz")[0].array.astype(dtype) * 70000
     write_image(image.with_array(label), case / "big.nii.gz")
     out = case / "out.nii.gz"
-    _refused(_args(case, out, label="big.nii.gz"), capsys, out, "at most 65535")
+    _refused(segment_args(case, out, label="big.nii.gz"), capsys, out, "at most 65535")
 
 
 @pytest.mark.parametrize("content, reason", [
@@ -353,7 +347,7 @@ def test_label_values_above_65535_are_refused_for_any_integer_width(case, capsys
 def test_label_tables_of_any_json_shape_give_one_line(case, capsys, content, reason):
     (case / "table.json").write_text(content)
     out = case / "out.nii.gz"
-    _refused(_args(case, out, extra=["--label-table", str(case / "table.json")]), capsys, out, reason)
+    _refused(segment_args(case, out, extra=["--label-table", str(case / "table.json")]), capsys, out, reason)
 
 
 def test_garbage_and_malicious_checkpoints_are_refused(tmp_path):
@@ -383,7 +377,7 @@ def test_garbage_and_malicious_checkpoints_are_refused(tmp_path):
 def test_a_garbage_sam2_checkpoint_and_a_wrong_size_local_checkpoint_are_input_errors(case, capsys):
     (case / "garbage.pt").write_bytes(b"PK\x03\x04 not really a zip" * 100)
     out = case / "out.nii.gz"
-    args = _args(case, out, extra=["--checkpoint", str(case / "garbage.pt"), "--image-size", "512"])
+    args = segment_args(case, out, extra=["--checkpoint", str(case / "garbage.pt"), "--image-size", "512"])
     args[args.index("--model") + 1] = "sam2.1_hiera_tiny"
     line = _refused(args, capsys, out, "cannot be loaded as PyTorch weights")
     assert line.startswith("proxyprompt: error:")
@@ -432,7 +426,7 @@ def test_an_internal_error_prints_one_line_and_writes_the_trace_to_a_file(case, 
         return {}["no such key"]
 
     monkeypatch.setattr(service.EngineSession, "segment", broken)
-    assert main(_args(case, case / "out.nii.gz")) == 1
+    assert main(segment_args(case, case / "out.nii.gz")) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "internal error (KeyError" in lines[0] and "full trace in " in lines[0]
     trace = Path(lines[0].split("full trace in ")[1])
@@ -451,7 +445,7 @@ def test_labels_only_in_corrections_are_excluded_by_labels(case):
     corrections[3, 16:19, 16:19] = 5  # a label in no reference
     write_label(image.with_array(corrections), {}, case / "corrections.nii.gz")
     out = case / "out.nii.gz"
-    assert main(_args(case, out, extra=["--labels", "1", "--corrections", str(case / "corrections.nii.gz")])) == 0
+    assert main(segment_args(case, out, extra=["--labels", "1", "--corrections", str(case / "corrections.nii.gz")])) == 0
     result = read_label(out)[0].array
     assert set(np.unique(result)) <= {0, 1}
     assert np.array_equal(result[3] == 1, corrections[3] == 1)  # the corrected slice's label 1 is kept as is
@@ -470,7 +464,7 @@ def test_a_note_written_with_an_output_reads_back(tmp_path, suffix):
 
 def test_outputs_of_random_weights_carry_the_marker(case):
     out = case / "out.seg.nrrd"
-    args = _args(case, out, extra=["--image-size", "512", "--device", "cpu", "--precision", "fp32"])
+    args = segment_args(case, out, extra=["--image-size", "512", "--device", "cpu", "--precision", "fp32"])
     args[args.index("--model") + 1] = "random"
     assert main(args) == 0
     assert "RANDOM" in read_output_note(out)
@@ -478,7 +472,7 @@ def test_outputs_of_random_weights_carry_the_marker(case):
 
 def test_top_k_zero_and_a_missing_demo_data_folder_are_refused(case, capsys, tmp_path):
     out = case / "out.nii.gz"
-    _refused(_args(case, out, extra=["--top-k", "0"]), capsys, out, "must be at least 1, got 0")
+    _refused(segment_args(case, out, extra=["--top-k", "0"]), capsys, out, "must be at least 1, got 0")
     assert main(["demo", "--data", str(tmp_path / "nonexistent"), "--output-dir", str(tmp_path / "demo")]) == 2
     assert "no ACDC data in --data" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
@@ -490,7 +484,7 @@ def test_a_grid_mismatch_in_direction_only_prints_both_directions(case, capsys):
     turned = Volume.from_geometry(label.array, label.spacing, label.origin, np.eye(3))
     write_label(turned, {}, case / "turned.nii.gz")
     out = case / "out.nii.gz"
-    line = _refused(_args(case, out, label="turned.nii.gz"), capsys, out, "does not match")
+    line = _refused(segment_args(case, out, label="turned.nii.gz"), capsys, out, "does not match")
     label_text, image_text = line.split("label size")[1].split("image size")
     label_grid, label_direction = label_text.split("direction")
     image_grid, image_direction = image_text.split("direction")

@@ -106,19 +106,15 @@ def nifti_non_finite_voxels(path) -> int:
 
 def _blocks(stream, skip: int, length: int):
     """Byte blocks [skip, skip + length) of a readable stream."""
-    remaining = skip
-    while remaining > 0:
-        got = stream.read(min(_CHUNK, remaining))
+    position, end = 0, skip + length
+    while position < end:
+        got = stream.read(min(_CHUNK, end - position))
         if not got:
             return
-        remaining -= len(got)
-    remaining = length
-    while remaining > 0:
-        got = stream.read(min(_CHUNK, remaining))
-        if not got:
-            return
-        remaining -= len(got)
-        yield got
+        start = max(skip - position, 0)
+        position += len(got)
+        if start < len(got):
+            yield got[start:]
 
 
 # --- NRRD ---------------------------------------------------------------------------------------
