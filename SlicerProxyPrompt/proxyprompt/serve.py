@@ -134,8 +134,11 @@ class Worker:
         self.send(last)
 
     def stop(self) -> None:
+        """Cancel a running job and wait for its thread, also one that has only its last event left to send: a
+        daemon thread still inside torch when the interpreter exits can abort the process (seen as SIGABRT)."""
         if self.busy():
             self._cancel.set()
+        if self._job is not None:
             self._job.join()
 
 
