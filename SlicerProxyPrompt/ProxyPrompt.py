@@ -12,9 +12,7 @@ import logging
 import os
 import shutil
 import threading
-import unittest
 
-import ctk
 import numpy as np
 import qt
 import slicer

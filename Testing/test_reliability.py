@@ -4,7 +4,6 @@ error ends in a traceback. Every bad file is built here."""
 
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -479,7 +478,6 @@ def test_top_k_zero_and_a_missing_demo_data_folder_are_refused(case, capsys, tmp
 
 
 def test_a_grid_mismatch_in_direction_only_prints_both_directions(case, capsys):
-    image = read_image(case / "image.nii.gz")
     label = read_label(case / "label.nii.gz")[0]
     turned = Volume.from_geometry(label.array, label.spacing, label.origin, np.eye(3))
     write_label(turned, {}, case / "turned.nii.gz")

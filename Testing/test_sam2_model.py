@@ -99,8 +99,7 @@ def test_cancel_mid_run_raises(engine, cases):
     token = CancelToken()
 
     def progress(event):
-        phase, done, total = event.phase, event.done, event.total
-        if phase == "propagate" and done >= 1:
+        if event.phase == "propagate" and event.done >= 1:
             token.set()
 
     with pytest.raises(Cancelled):

@@ -215,8 +215,7 @@ def test_cancel_raises(engine, pair):
     cancel = threading.Event()
 
     def progress(event):
-        phase, done, total = event.phase, event.done, event.total
-        if phase == "propagate" and done >= 2:
+        if event.phase == "propagate" and event.done >= 2:
             cancel.set()
 
     with pytest.raises(Cancelled):

@@ -2,7 +2,6 @@
 Python console: real scene, volume and segmentation nodes, storage, oblique geometry, and the `proxyprompt serve`
 worker as a real subprocess."""
 
-import json
 import py_compile
 import subprocess
 import sys

@@ -46,7 +46,7 @@ from proxyprompt.registration import (  # noqa: E402
     DEFAULT_SETTINGS, RegisteredCase, fixed_threads, fuse_registered, fused_quality,
 )
 from proxyprompt.registration_candidates import (  # noqa: E402
-    INTENSITY_MIN_SEPARABILITY, build_candidates, choose_candidate, conclude,
+    INTENSITY_MIN_SEPARABILITY, build_candidates, conclude,
 )
 from proxyprompt.volume import read_image, read_label  # noqa: E402
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .errors import InputError
-from .options import EngineOptions, default_fusion_top_k  # noqa: F401  (the fusion top-k policy, re-exported)
+from .options import EngineOptions
 from .progress import ProgressCallback, check_cancel, report
 from .quality import LOW_QUALITY_PREFIX
 

@@ -13,7 +13,6 @@ work on ``volume.array.copy()`` and wrap the result with `Volume.with_array`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -190,7 +189,7 @@ def read_label_table(path) -> LabelTable:
     table: LabelTable = {}
     try:
         if path.suffix.lower() == ".json":
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(raw, dict):
                 raise InputError(f"label table {path} must be a JSON object "
                                  f'{{"<value>": "<name>" or {{"name": ..., "color": [r, g, b]}}}}, not a {_json_kind(raw)}')
@@ -205,7 +204,7 @@ def read_label_table(path) -> LabelTable:
                     raise InputError(f"label table {path}: the entry of label {key} must be a name or an object "
                                      f"with a name, not a {_json_kind(entry)}")
         else:
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
                 if not line or line.startswith("#"):
                     continue
@@ -255,10 +254,10 @@ def write_label_table(table: LabelTable, path) -> None:
     text = json.dumps(payload, indent=1)
 
     def verify(temporary: str) -> None:
-        if Path(temporary).read_text() != text:
+        if Path(temporary).read_text(encoding="utf-8") != text:
             raise InputError("the label table read back differs from the one written")
 
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text), verify)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), verify)
 
 
 # --- reading ------------------------------------------------------------------------------------

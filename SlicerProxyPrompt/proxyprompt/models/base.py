@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
