@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import numpy as np
 import SimpleITK as sitk
+
+
+def crop_box(mask_kji: np.ndarray, spacing_xyz=None, margin_mm: float = 0.0) -> Optional[Tuple[slice, ...]]:
+    """Index box (one slice per array axis, k j i) around a mask's voxels, `margin_mm` wider on every side (needs
+    `spacing_xyz`) and clipped to the array; None if the mask is empty."""
+    mask = np.asarray(mask_kji)
+    margin = np.zeros(mask.ndim, dtype=int)
+    if margin_mm:
+        margin = np.ceil(margin_mm / np.asarray(spacing_xyz, dtype=float)[::-1]).astype(int)
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size == 0:
+            return None
+        box.append(slice(int(max(present[0] - margin[axis], 0)),
+                         int(min(present[-1] + 1 + margin[axis], mask.shape[axis]))))
+    return tuple(box)
 
 
 def gaussian_mm(image: sitk.Image, sigma_mm) -> sitk.Image:

@@ -36,7 +36,7 @@ from typing import Dict, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .filters import gaussian_mm, largest_component, signed_distance_mm
+from .filters import crop_box, gaussian_mm, largest_component, signed_distance_mm
 from .frames import choose_slice_axis
 from .volume import Volume
 
@@ -154,15 +154,6 @@ def _refit_along_slices(priors_lkji: np.ndarray, found_kji: np.ndarray, spacing,
     return moved_lkji
 
 
-def _crop_box(structures_kji: np.ndarray, spacing, margin_mm: float) -> Tuple[slice, ...]:
-    """Index box around the structures, `margin_mm` wider on every side (clipped to the volume)."""
-    margin_kji = np.ceil(margin_mm / np.asarray(spacing, dtype=float)[::-1]).astype(int)
-    present = np.argwhere(structures_kji)
-    lower = np.maximum(present.min(axis=0) - margin_kji, 0)
-    upper = np.minimum(present.max(axis=0) + 1 + margin_kji, structures_kji.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lower, upper))
-
-
 def refine_by_intensity(target_image: Volume, probabilities: Dict[int, np.ndarray],
                         settings: IntensitySettings = DEFAULT_INTENSITY_SETTINGS
                         ) -> Tuple[np.ndarray, Dict[int, np.ndarray]]:
@@ -184,7 +175,7 @@ def refine_by_intensity(target_image: Volume, probabilities: Dict[int, np.ndarra
     if not structures.any():
         return np.zeros(shape, dtype=np.int32), {v: np.zeros(shape, np.float32) for v in values}
     slice_axis_kji = choose_slice_axis(target_image)
-    box = _crop_box(structures, spacing, max(settings.crop_margin_mm, settings.region_margin_mm))
+    box = crop_box(structures, spacing, max(settings.crop_margin_mm, settings.region_margin_mm))
     image_kji = np.asarray(target_image.array[box], dtype=np.float32)
     priors_lkji = priors_lkji[(slice(None),) + box]
 

@@ -66,9 +66,10 @@ from .errors import InputError
 from .metrics import dice
 from .progress import ProgressCallback, check_cancel, report
 from .quality import label_agreement, structure_quality
-from .filters import gaussian_mm, largest_component, signed_distance_mm
+from .filters import crop_box, gaussian_mm, largest_component, signed_distance_mm
 from .frames import slice_axis_of_spacing, window_intensities
 from .intensity import DEFAULT_INTENSITY_SETTINGS, IntensitySettings, refine_by_intensity
+from .ncc import NccImage, ncc as _ncc
 from .volume import Volume
 
 METHODS = ("copy", "centred", "located", "affine", "deformable", "intensity")
@@ -222,90 +223,9 @@ def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, li
     )
 
 
-def _ncc(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64) - a.mean()
-    b = b.astype(np.float64) - b.mean()
-    denominator = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
-
-
 # --------------------------------------------------------------------------------------------
 # stage 1: locate by masked NCC template search
 # --------------------------------------------------------------------------------------------
-def _box_sums(values: np.ndarray, fixed_shape, out_shape) -> np.ndarray:
-    """For every shift u, the sum of `values` (template-sized, flipped as in the FFT) over the part
-    of the template that overlaps the fixed image: a box sum, separable along the axes (no FFT)."""
-    result = values
-    for axis in range(3):
-        t, f = values.shape[axis], fixed_shape[axis]
-        u = np.arange(out_shape[axis])
-        # flipped template index y overlaps fixed index u - y, valid when 0 <= u - y < f
-        lo = np.clip(u - f + 1, 0, t)
-        hi = np.clip(u + 1, 0, t)
-        padded_shape = list(result.shape)
-        padded_shape[axis] = 1
-        cumulative = np.concatenate([np.zeros(padded_shape), np.cumsum(result, axis=axis)], axis=axis)
-        result = np.take(cumulative, hi, axis=axis) - np.take(cumulative, lo, axis=axis)
-    return result
-
-
-def _masked_ncc_search(fixed: np.ndarray, templates, min_overlap: float):
-    """Masked NCC of each (template, mask) over all translations of `fixed` (zero outside).
-
-    Returns a list of (ncc map, template shape); map index u <-> shift u - (template shape - 1),
-    i.e. template voxel x lies on fixed voxel x + u - (T - 1). The sums over the fixed image use
-    FFT correlations; the sums over the overlapping part of the template are box sums.
-    """
-    results = []
-    cache = {}
-    axes = (0, 1, 2)
-    # the FFTs run in single precision (about twice as fast; intensities are in [0, 1]), the NCC
-    # arithmetic on their results in double
-    fixed32 = fixed.astype(np.float32)
-    for template, mask in templates:
-        shape = tuple(f + t - 1 for f, t in zip(fixed.shape, template.shape))
-        fast = tuple(_fast_size(s) for s in shape)
-        if fast not in cache:
-            cache[fast] = (np.fft.rfftn(fixed32, fast, axes=axes), np.fft.rfftn(fixed32 * fixed32, fast, axes=axes))
-        f_hat, ff_hat = cache[fast]
-        w = mask[::-1, ::-1, ::-1].astype(np.float64)
-        t = template[::-1, ::-1, ::-1].astype(np.float64) * w
-        w_hat = np.fft.rfftn(w.astype(np.float32), fast, axes=axes)
-        wt_hat = np.fft.rfftn(t.astype(np.float32), fast, axes=axes)
-
-        def correlate(a_hat, b_hat):
-            out = np.fft.irfftn(a_hat * b_hat, fast, axes=axes)
-            return out[: shape[0], : shape[1], : shape[2]].astype(np.float64)
-
-        s_f = correlate(f_hat, w_hat)
-        s_ff = correlate(ff_hat, w_hat)
-        s_ft = correlate(f_hat, wt_hat)
-        count = _box_sums(w, fixed.shape, shape)
-        s_t = _box_sums(t, fixed.shape, shape)
-        s_tt = _box_sums(t * t, fixed.shape, shape)  # w is binary: (w t)^2 = w t^2
-        total = w.sum()
-        safe = np.maximum(count, 1.0)
-        numerator = s_ft - s_f * s_t / safe
-        variance = np.maximum(s_ff - s_f * s_f / safe, 0) * np.maximum(s_tt - s_t * s_t / safe, 0)
-        ncc = np.where(variance > 1e-8 * total * total, numerator / np.sqrt(np.maximum(variance, 1e-30)), 0.0)
-        # a template taller than the target cannot fit: require a fraction of the best achievable overlap
-        ncc[count < min_overlap * min(total, count.max()) - 0.5] = -1.0
-        results.append((ncc, template.shape))
-    return results
-
-
-def _fast_size(n: int) -> int:
-    """Smallest size >= n whose prime factors are 2, 3 and 5 (fast FFT)."""
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
-
-
 def _locate(ref_image: sitk.Image, ref_mask: sitk.Image, ref_distance: sitk.Image,
             target: sitk.Image, settings: RegistrationSettings) -> List[Tuple[float, sitk.AffineTransform]]:
     """Candidate transforms (target point -> reference point), best first, with their NCC."""
@@ -358,15 +278,17 @@ def _locate(ref_image: sitk.Image, ref_mask: sitk.Image, ref_distance: sitk.Imag
     if not templates:
         raise InputError("the reference label is too small to locate")
 
-    maps = _masked_ncc_search(fixed.astype(np.float64), templates, settings.search_min_overlap)
+    # masked NCC of every template at every shift; FFTs in single precision (about twice as fast)
+    search = NccImage(fixed, fft_dtype=np.float32)
+    maps = [search.search(template, mask, settings.search_min_overlap) for template, mask in templates]
     # best template at every shift, then distinct peaks (non-maximum suppression in mm)
-    best = np.full(maps[0][0].shape, -np.inf)
+    best = np.full(maps[0].shape, -np.inf)
     which = np.zeros(best.shape, dtype=np.int32)
-    for index, (ncc, _) in enumerate(maps):
+    for index, ncc in enumerate(maps):
         better = ncc > best
         best[better] = ncc[better]
         which[better] = index
-    shape = np.asarray(maps[0][1])
+    shape = np.asarray(templates[0][0].shape)
     matrix_s, origin_s = _index_to_physical_matrix(search_grid)
     u = np.stack(np.meshgrid(*[np.arange(n) for n in best.shape], indexing="ij"), axis=-1).reshape(-1, 3)
     positions = (u - (shape - 1) + half[::-1])[:, ::-1] @ matrix_s.T + origin_s  # template centre, physical
@@ -479,20 +401,6 @@ def _refine_affine(target: sitk.Image, ref_image: sitk.Image, ref_distance: sitk
 # --------------------------------------------------------------------------------------------
 # stage 3: demons on a crop around the structure
 # --------------------------------------------------------------------------------------------
-def _crop_box(mask: sitk.Image) -> Optional[Tuple[List[int], List[int]]]:
-    array = sitk.GetArrayViewFromImage(mask) > 0
-    if not array.any():
-        return None
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(array.any(axis=other))
-        box.append((int(present[0]), int(present[-1]) + 1))
-    lower = [box[2][0], box[1][0], box[0][0]]  # i, j, k
-    upper = [box[2][1], box[1][1], box[0][1]]
-    return lower, [u - l for l, u in zip(lower, upper)]
-
-
 def _demons(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings, axis: int, two_d: bool):
     """Displacement field (numpy [k, j, i, 3], mm along the index axes) mapping fixed -> moving."""
     spacing = np.asarray(fixed.GetSpacing(), dtype=float)
@@ -559,10 +467,11 @@ def _deformable(target: sitk.Image, ref_image: sitk.Image, ref_distance: sitk.Im
                 affine: sitk.Transform, settings: RegistrationSettings) -> sitk.Transform:
     """Composite transform: displacement (demons, on a crop of the target) then `affine`."""
     mask = _warped_mask(ref_distance, target, affine, settings.demons_margin_mm)
-    box = _crop_box(mask)
+    box = crop_box(sitk.GetArrayViewFromImage(mask) > 0)
     if box is None:
         return affine
-    lower, size = box
+    lower = [box[2].start, box[1].start, box[0].start]  # i, j, k
+    size = [box[2].stop - box[2].start, box[1].stop - box[1].start, box[0].stop - box[0].start]
     fixed = sitk.RegionOfInterest(target, size, lower)
     moving = _resample(ref_image, fixed, affine)
     matching = sitk.HistogramMatchingImageFilter()

@@ -50,6 +50,7 @@ from ..errors import InputError
 from ..options import REGISTRATION_METHODS, Options, option
 from ..progress import check_cancel, report
 from ..frames import SliceStack, bounding_box, make_slice_stack
+from ..ncc import NccImage
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, SupportSlice, register_generator
 from .propagation import top_k_support
 
@@ -189,38 +190,17 @@ def _box_centre(mask) -> Tuple[float, float]:
 
 
 class _NccTarget:
-    """One target slice prepared for masked normalised cross-correlation with rectangular templates (FFT
-    correlation, window sums from integral images)."""
+    """One target slice prepared for NCC with rectangular templates (`ncc.NccImage`, FFT cached)."""
 
     def __init__(self, image: np.ndarray) -> None:
         self.image = np.asarray(image, dtype=np.float64)
-        self.fft = np.fft.rfft2(self.image)
-        padded = np.pad(self.image, ((1, 0), (1, 0)))
-        self.sum1 = padded.cumsum(0).cumsum(1)
-        self.sum2 = (padded ** 2).cumsum(0).cumsum(1)
-        self.variance = float(self.image.var())
-
-    @staticmethod
-    def _windows(table, h, w):
-        return table[h:, w:] - table[:-h, w:] - table[h:, :-w] + table[:-h, :-w]
+        self._search = NccImage(self.image)
 
     def centre_map(self, template: np.ndarray, half: Tuple[int, int]) -> np.ndarray:
         """NCC of the template for each position of its centre pixel [H, W]; -1 where it does not fit or
-        where the window has (almost) no contrast."""
-        height, width = self.image.shape
-        h, w = template.shape
-        out = np.full((height, width), -1.0)
-        centred = template - template.mean()
-        norm = float(np.sqrt((centred ** 2).sum()))
-        if norm < 1e-9 or h > height or w > width or self.variance < 1e-12:  # no contrast: nothing matches
-            return out
-        correlation = np.fft.irfft2(self.fft * np.conj(np.fft.rfft2(centred, s=(height, width))),
-                                    s=(height, width))[:height - h + 1, :width - w + 1]
-        count = h * w
-        sum1, sum2 = self._windows(self.sum1, h, w), self._windows(self.sum2, h, w)
-        variance = np.maximum(sum2 - sum1 ** 2 / count, 0.0)
-        floor = 0.05 * self.variance * count
-        ncc = np.where(variance > floor, correlation / (np.sqrt(np.maximum(variance, floor)) * norm), -1.0)
+        where the window has (almost) no contrast (5 % of the slice's variance)."""
+        out = np.full(self.image.shape, -1.0)
+        ncc = self._search.search(template, contrast_floor=0.05)
         out[half[0]:half[0] + ncc.shape[0], half[1]:half[1] + ncc.shape[1]] = ncc
         return out
 
