@@ -189,6 +189,14 @@ def median_profile(runs) -> dict:
     return {key: statistics.median(p[key] for p in profiles) for key in profiles[0]}
 
 
+SAVE = None  # --save: the raw rows so far
+
+
+def keep(rows) -> None:
+    if SAVE is not None:
+        SAVE.write_text(json.dumps(rows, default=str, indent=1))
+
+
 def alternate(pairs: int, run_a, run_b) -> tuple:
     a_runs, b_runs = [], []
     for index in range(pairs):
@@ -282,12 +290,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--second-size", type=int, help="image size of the second-target rows (default: the largest)")
     parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every run")
     parser.add_argument("--skip", nargs="*", default=[], choices=["sam2", "second", "litemedsam"])
     parser.add_argument("--baseline", type=Path, help="another checkout: LiteMedSAM rows alternate its engine (A) "
                                                        "with this one (B)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose engine is 'ours'")
+    parser.add_argument("--memory-sweep", type=int, nargs="*", default=[],
+                        help="SAM 2 at the largest size with --max-support K (attention top-k min(K, 4)) for each K: "
+                             "the time side of bounding the conditioning memories (random weights: no accuracy side)")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--save", type=Path, help="also keep the raw rows here (JSON, rewritten after each configuration)")
     # the naive worker
     parser.add_argument("--naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=1024, help=argparse.SUPPRESS)
@@ -299,6 +312,8 @@ def main() -> None:
         naive_main(args)
         return
     args.notes = []
+    global SAVE
+    SAVE = args.save
     threads = args.threads
     work = Path(tempfile.mkdtemp(prefix="latency-"))
     home = work / "home"  # a feature cache of this benchmark's own (cleared where a row needs it cold)
@@ -330,8 +345,9 @@ def main() -> None:
                     args.notes.append(f"Peak RSS at 1024 px, ours {row['b_rss']:.0f} MB vs naive {row['a_rss']:.0f} "
                                       f"MB: {'met' if rss_ok else 'NOT met'} (target: no higher than naive).")
                 rows.append(row)
+                keep(rows)
         if "second" not in args.skip:
-            size = max(args.sizes)
+            size = args.second_size or max(args.sizes)
             load = load_average()
             print(f"second target, SAM 2 {size} px (load {load})", flush=True)
             extra = ["--model", "random", "--image-size", str(size), "--device", args.device]
@@ -355,6 +371,7 @@ def main() -> None:
                             f"empty, B filled by {ACDC_TARGET}")
             row["verdict"] = verdict("second_target", 1.0 - row["b_median"] / row["a_median"])
             rows.append(row)
+            keep(rows)
         if "litemedsam" not in args.skip:
             for key, data, reference, target, label in (
                     ("lite_acdc", ACDC, ACDC_REFERENCE, ACDC_TARGET, "LiteMedSAM default path, ACDC 10 slices"),
@@ -374,6 +391,9 @@ def main() -> None:
                 row["label"] = label + (f": A {args.baseline}, B this checkout" if args.baseline else ": B ours")
                 row["verdict"] = verdict(key, row["b_median"])
                 rows.append(row)
+                keep(rows)
+        if args.memory_sweep:
+            rows += memory_sweep(args, work, home, threads)
         if args.device == "cuda":
             rows += cuda_rows(args, work, home, threads)
     finally:
@@ -381,12 +401,36 @@ def main() -> None:
     command = "python benchmarks/latency.py " + " ".join(
         [f"--pairs {args.pairs}", "--sizes " + " ".join(map(str, args.sizes)), f"--device {args.device}"]
         + ([f"--skip {' '.join(args.skip)}"] if args.skip else [])
-        + ([f"--baseline {args.baseline}"] if args.baseline else []))
+        + ([f"--second-size {args.second_size}"] if args.second_size else [])
+        + ([f"--baseline {args.baseline}"] if args.baseline else [])
+        + (["--memory-sweep " + " ".join(map(str, args.memory_sweep))] if args.memory_sweep else []))
     text = report(rows, args, command)
     print(json.dumps(rows, default=str, indent=1))
     if not args.no_write:
         write_section(DOC, "latency", text)
     print(text)
+
+
+def memory_sweep(args, work: Path, home: Path, threads: int) -> list:
+    """Ours at the largest size with at most K reference slices as conditioning memory (each attended by every target
+    slice when K <= 4): whole-process time and its propagate / reference phases, one run each per pair."""
+    rows = []
+    size = max(args.sizes)
+    for support in args.memory_sweep:
+        load = load_average()
+        extra = ["--model", "random", "--image-size", str(size), "--device", args.device, "--max-support", str(support),
+                 "--attention-top-k", str(min(support, 4))]
+
+        def run(extra=extra):
+            shutil.rmtree(home / "features", ignore_errors=True)
+            return run_process(ours_command(args.tree, ACDC_REFERENCE, ACDC_TARGET, work / "sweep.nii.gz", ACDC, extra),
+                               ours_env(args.tree, home, threads))
+
+        _, runs = alternate(args.pairs, None, run)
+        row = summarise(f"sweep_{support}", [], runs, load, "-", "ours")
+        row["label"] = f"SAM 2 {size} px, ours with --max-support {support} --attention-top-k {min(support, 4)}"
+        rows.append(row)
+    return rows
 
 
 def cuda_rows(args, work: Path, home: Path, threads: int) -> list:
