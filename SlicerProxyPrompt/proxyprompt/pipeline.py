@@ -270,19 +270,11 @@ class Engine:
         }
         if self.model is not None:
             info["encoder_calls"] = self.model.encoder_calls
-            info["encoded_slices"] = self._encoded_slices(frames)
+            info["encoded_slices"] = self.model.encoded_slices(frames)  # a SAM-family model: those that can hold a label
         return SegmentationResult(label_volume, table, probability_volumes, timings, info)
 
     def _encode_seconds(self, counter: str = "encode_seconds") -> float:
         return float(getattr(self.model, counter, 0.0)) if self.model is not None else 0.0
-
-    def _encoded_slices(self, frames: SliceStack) -> int:
-        """How many of the target's slices the model holds features of (all of them unless it encodes on
-        demand)."""
-        entry = self.model._feature_cache.get(frames.fingerprint())
-        if isinstance(entry, dict) and "encoded" in entry:
-            return int(np.count_nonzero(entry["encoded"]))
-        return frames.num_slices if entry is not None else 0
 
     def _run_options(self, engine_options: Optional[EngineOptions], references: int) -> EngineOptions:
         """This run's engine options: the model's fields must be the Engine's; fusion top-k gets its default."""

@@ -117,6 +117,10 @@ class SliceModel:
             report(progress, "encode", frames.num_slices, frames.num_slices)
         return self._feature_cache[key]
 
+    def encoded_slices(self, frames) -> int:
+        """How many of the frames the model holds image features of (this one encodes all frames or none)."""
+        return frames.num_slices if frames.fingerprint() in self._feature_cache else 0
+
     def _encode(self, frames, progress, cancel):  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -217,23 +217,26 @@ class SamFamilyModel(SliceModel):
                 report(progress, "encode", frames.num_slices, frames.num_slices)
             return entry
         report(progress, "encode", 0, total)
-        if missing:
-            started = time.perf_counter()
-            with torch.inference_mode():
-                for start in range(0, total, self.batch_size):
-                    check_cancel(cancel)
-                    rows = missing[start:start + self.batch_size]
-                    batch = self._preprocess(frames.images[rows]).to(self.device)
-                    with autocast(self.device, self.precision):
-                        embedding = self.net.image_encoder(batch).float().cpu()
-                    if entry["embeddings"] is None:
-                        entry["embeddings"] = torch.zeros((frames.num_slices,) + tuple(embedding.shape[1:]))
-                    entry["embeddings"][rows] = embedding
-                    entry["encoded"][rows] = True
-                    self.encoder_calls += len(rows)
-                    report(progress, "encode", min(start + self.batch_size, total), total)
-            self.encode_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, total, self.batch_size):
+                check_cancel(cancel)
+                rows = missing[start:start + self.batch_size]
+                batch = self._preprocess(frames.images[rows]).to(self.device)
+                with autocast(self.device, self.precision):
+                    embedding = self.net.image_encoder(batch).float().cpu()
+                if entry["embeddings"] is None:
+                    entry["embeddings"] = torch.zeros((frames.num_slices,) + tuple(embedding.shape[1:]))
+                entry["embeddings"][rows] = embedding
+                entry["encoded"][rows] = True
+                self.encoder_calls += len(rows)
+                report(progress, "encode", min(start + self.batch_size, total), total)
+        self.encode_seconds += time.perf_counter() - started
         return entry
+
+    def encoded_slices(self, frames) -> int:
+        entry = self._feature_cache.get(frames.fingerprint())
+        return int(np.count_nonzero(entry["encoded"])) if entry is not None else 0
 
     def _features_for(self, frames=None, frame_index: Optional[int] = None):
         """The cached entry of `frames` (or of the last stack) with `frame_index` encoded."""
