@@ -31,6 +31,8 @@ benchmarks: venv
 	$(BIN)/python benchmarks/registration.py
 	$(BIN)/python benchmarks/accuracy.py
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/encode_range.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -339,13 +339,17 @@ class ProxyPromptWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(folder)))
 
     def onClearCache(self):
+        from proxyprompt.models.feature_cache import clear_feature_cache, feature_cache_dir
+
         folder = self._cacheFolder()
-        if not folder.is_dir():
+        if not folder.is_dir() and not feature_cache_dir().is_dir():
             return
-        if not slicer.util.confirmOkCancelDisplay(f"Delete every downloaded model weight in {folder}?"):
+        if not slicer.util.confirmOkCancelDisplay(f"Delete every downloaded model weight in {folder} and the cached "
+                                                  f"reference features in {feature_cache_dir()}?"):
             return
         self.logic.shutdown()  # the worker may hold a model file open
         shutil.rmtree(folder, ignore_errors=True)
+        clear_feature_cache()  # the same clear as `proxyprompt clear-cache`
         self.updateCacheStatus()
         self.updateModelStatus()
 

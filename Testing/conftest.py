@@ -1,5 +1,6 @@
 """Shared fixtures: the real ACDC data beside the repository, small synthetic volumes."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ ACDC = REPO.parent / "shared" / "data" / "acdc"
 
 
 def pytest_configure(config):
+    # tests never write reference features into the user's ~/.proxyprompt (inherited by the CLI subprocesses);
+    # the feature-cache tests turn it on with a folder of their own
+    os.environ.setdefault("PROXYPROMPT_FEATURE_CACHE_MB", "0")
     try:
         import torch
 

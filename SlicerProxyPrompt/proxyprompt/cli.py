@@ -1,4 +1,4 @@
-"""`proxyprompt` command line: segment, evaluate, models, download, serve, demo.
+"""`proxyprompt` command line: segment, evaluate, models, download, clear-cache, serve, demo.
 
 Exit codes (docs/reliability.md): 0 success; 2 bad input (one-line reason on stderr, no output file, inputs
 untouched); 1 the environment failed (disk full, I/O error; one line) or an internal error (one line naming the
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     dl = commands.add_parser("download", help="fetch a model into the cache, verified")
     dl.add_argument("name")
 
+    clear = commands.add_parser("clear-cache", help="remove the cached model weights and reference features "
+                                                    "($PROXYPROMPT_HOME, default ~/.proxyprompt)")
+    clear.add_argument("--features-only", action="store_true", help="keep the weights, remove the reference features")
+    clear.add_argument("--json", action="store_true")
+
     commands.add_parser("serve", help="engine worker: JSON-lines requests on stdin, events on stdout (Slicer module)")
 
     demo = commands.add_parser("demo", help="the main job on sample data (ACDC)")
@@ -173,6 +178,21 @@ def run_download(args) -> dict:
     return {"name": args.name, "path": str(path) if path else None}
 
 
+def run_clear_cache(args) -> dict:
+    """The one clear command of every cache: downloaded weights (with their sidecars and the verification
+    record) and the reference features (models/feature_cache.py)."""
+    from .models.feature_cache import clear_feature_cache, feature_cache_dir
+    from .models.registry import cache_dir
+
+    freed = {"features": clear_feature_cache(), "weights": 0}
+    if not args.features_only and cache_dir().is_dir():
+        for path in cache_dir().iterdir():
+            if path.is_file():
+                freed["weights"] += path.stat().st_size
+                path.unlink()
+    return {"features_dir": str(feature_cache_dir()), "weights_dir": str(cache_dir()), "bytes_freed": freed}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -204,6 +224,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "download":
             result = run_download(args)
             print(result["path"] or f"{args.name}: nothing to download")
+        elif args.command == "clear-cache":
+            result = run_clear_cache(args)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                freed = result["bytes_freed"]
+                print(f"removed {freed['features'] / 1e6:.1f} MB of reference features ({result['features_dir']}) and "
+                      f"{freed['weights'] / 1e6:.1f} MB of weights ({result['weights_dir']})")
         elif args.command == "serve":
             from .serve import serve
 

@@ -191,10 +191,10 @@ class Engine:
         timings["frames"] = time.perf_counter() - tick
         check_cancel(cancel)
 
-        if self.model is not None:
-            tick = time.perf_counter()
-            self.model.features(frames, progress=progress, cancel=cancel)
-            timings["encode"] = time.perf_counter() - tick
+        # No up-front encoding: the model encodes what the generator and the propagation ask for (a SAM-family
+        # model only the slices that can hold a structure); "encode" is its encoder time within the phases below
+        encoded_before = self._encode_seconds()
+        reference_before = self._encode_seconds("reference_encode_seconds")
 
         tick = time.perf_counter()
         context = GeneratorContext(
@@ -203,13 +203,17 @@ class Engine:
             engine_options=run_options,
         )
         plan = plugin.plan(context)
-        timings["prompts"] = time.perf_counter() - tick
+        encoded_in_plan = self._encode_seconds() - encoded_before
+        timings["prompts"] = time.perf_counter() - tick - encoded_in_plan
         check_cancel(cancel)
 
         tick = time.perf_counter()
         plan, probabilities = self._execute(plan, plugin.name, label_values, frames, correction_plan, progress,
                                             cancel)
-        timings["propagate"] = time.perf_counter() - tick
+        # the reference's slices (SAM 2 support memory; 0 when read from the feature cache) apart from the target's
+        timings["encode_reference"] = self._encode_seconds("reference_encode_seconds") - reference_before
+        timings["encode"] = self._encode_seconds() - encoded_before - timings["encode_reference"]
+        timings["propagate"] = time.perf_counter() - tick - (self._encode_seconds() - encoded_before - encoded_in_plan)
         check_cancel(cancel)
 
         # refinement rounds: the generator reads the output and may give a new plan (features stay cached)
@@ -266,7 +270,11 @@ class Engine:
         }
         if self.model is not None:
             info["encoder_calls"] = self.model.encoder_calls
+            info["encoded_slices"] = self.model.encoded_slices(frames)  # a SAM-family model: those that can hold a label
         return SegmentationResult(label_volume, table, probability_volumes, timings, info)
+
+    def _encode_seconds(self, counter: str = "encode_seconds") -> float:
+        return float(getattr(self.model, counter, 0.0)) if self.model is not None else 0.0
 
     def _run_options(self, engine_options: Optional[EngineOptions], references: int) -> EngineOptions:
         """This run's engine options: the model's fields must be the Engine's; fusion top-k gets its default."""

@@ -162,7 +162,9 @@ class EngineSession:
         read_seconds = time.perf_counter() - started
         check_cancel(cancel)
 
+        tick = time.perf_counter()
         engine = self.engine_for(model, request.checkpoint, engine_options)
+        build_seconds = time.perf_counter() - tick  # model build and weight load (0 when the session kept it)
         if engine.model is not None and engine.model.is_random:
             log.warning("model '%s' has RANDOM weights: the output tests the pipeline, it is not a segmentation",
                         model)
@@ -180,6 +182,7 @@ class EngineSession:
         report(progress, "write", 1, 1)
         seconds: Dict[str, float] = dict(result.timings)
         seconds["read"] = read_seconds
+        seconds["build"] = build_seconds
         seconds["write"] = time.perf_counter() - tick
         seconds["total"] = time.perf_counter() - started
         summary = {
@@ -203,6 +206,7 @@ class EngineSession:
         }
         if "encoder_calls" in result.info:
             summary["encoder_calls"] = result.info["encoder_calls"]
+            summary["encoded_slices"] = result.info["encoded_slices"]  # of the target's `slices`
         for note in result.info["notes"]:  # what the generator did (which slices it matched, how well): the user checks
             (log.warning if note.startswith(LOW_QUALITY_PREFIX) else log.info)("%s", note)
         return summary

@@ -106,8 +106,11 @@ class SliceBySlicePropagation:
         return self._model.predict_slice(frame, box, mask_prior, frames=self._frames, embedding=embedding)
 
     def propagate(self, model, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
-        """Execute a PromptPlan over the frames with a model without memory: label -> [N, H, W] float32."""
-        model.features(frames, cancel=cancel)
+        """Execute a PromptPlan over the frames with a model without memory: label -> [N, H, W] float32.
+
+        Only the slices that can hold a structure are encoded: those inside a prior's slice range are encoded
+        up front (batched), the others only when propagation asks for them (a neighbour-driven structure that
+        stops early never encodes the slices beyond); outside every range the output is background."""
         self._model, self._frames = model, frames
         n, height, width = frames.images.shape
         labels = list(plan.labels)
@@ -131,6 +134,8 @@ class SliceBySlicePropagation:
                 items.append(("filled", value, [value] + rings[value]))
             else:
                 items.append(("plain", value, [value]))
+        model.features(frames, progress=progress, cancel=cancel,
+                       needed=self._frames_with_prior(objects, seeds, items, n))
         total = n * len(items)
         done = 0
         report(progress, "propagate", 0, total)
@@ -184,6 +189,40 @@ class SliceBySlicePropagation:
             for frame, mask in seeds[value].items():
                 probabilities[value][frame] = mask.astype(np.float32)
         return probabilities
+
+    def _frames_with_prior(self, objects, seeds, items, n: int) -> List[int]:
+        """The frames `_from_prior` decodes (each structure with a prior: its slice range less its seeds, the
+        rule `_from_prior` applies) and the frames prompted by embeddings: encoded before propagation."""
+        needed = set()
+        for kind, value, members in items:
+            if kind == "filled" and self.ring_mode != "filled-minus-inner":
+                continue
+            if len(members) == 1:
+                needed |= {int(f) for f in (objects[value].embeddings or {})}
+            prior = self._combined_prior(objects, members)
+            if prior is None:
+                continue
+            member_seeds = self._combined_seeds(seeds, members)
+            span = self._prior_span(prior, member_seeds, self._combined_range(objects, members))
+            if span is not None:
+                needed |= set(range(span[0], span[1] + 1)) - set(member_seeds)
+        return sorted(f for f in needed if 0 <= f < n)
+
+    @staticmethod
+    def _prior_span(prior, seeds, frame_range) -> Optional[Tuple[int, int]]:
+        """(first, last) slices a structure with a prior is decoded on: its frame range (else the prior's
+        extent), widened to the seeds that hold it; None when there is neither."""
+        n = prior.shape[0]
+        present = np.flatnonzero((prior > 0.5).reshape(n, -1).any(axis=1))
+        if frame_range is None and present.size:
+            frame_range = (int(present[0]), int(present[-1]))
+        seeded = sorted(f for f, m in seeds.items() if m.any())
+        if frame_range is None and not seeded:
+            return None
+        first, last = frame_range if frame_range is not None else (seeded[0], seeded[-1])
+        if seeded:  # a corrected slice holding the structure extends the range
+            first, last = min(first, seeded[0]), max(last, seeded[-1])
+        return int(first), int(last)
 
     @staticmethod
     def _ring_from_thickness(seeds, ring_value, inner_values, inner, frame_range) -> np.ndarray:
@@ -288,16 +327,12 @@ class SliceBySlicePropagation:
     # prior mode: box per slice from the prior, shifted by the seeds' offset; range = the prior's range
     def _from_prior(self, result, prior, seeds, boxes, frame_range, advance, cancel) -> None:
         n = result.shape[0]
-        present = np.flatnonzero((prior > 0.5).reshape(n, -1).any(axis=1))
-        if frame_range is None and present.size:
-            frame_range = (int(present[0]), int(present[-1]))
-        seeded = sorted(f for f, m in seeds.items() if m.any())
-        if frame_range is None and not seeded:
+        span = self._prior_span(prior, seeds, frame_range)
+        if span is None:
             advance(n)
             return
-        first, last = frame_range if frame_range is not None else (seeded[0], seeded[-1])
-        if seeded:  # a corrected slice holding the structure extends the range
-            first, last = min(first, seeded[0]), max(last, seeded[-1])
+        first, last = span
+        seeded = sorted(f for f, m in seeds.items() if m.any())
         # offset between prior and seeds (where both exist): shifts the prior's boxes near the seeds
         offsets = {}
         if self.shift_prior_to_seeds:
@@ -376,6 +411,7 @@ class SliceBySlicePropagation:
                     box = bounding_box(previous, self.neighbour_margin)
                     if box is None:
                         break
+                    self._prefetch(frame, step, first, last, known)
                     probability, score = self.predict_slice(frame, box)
                     mask = probability > 0.5
                     area = int(mask.sum())
@@ -393,6 +429,13 @@ class SliceBySlicePropagation:
                     distance += 1
         if reported < n:
             advance(n - reported)
+
+    def _prefetch(self, frame: int, step: int, first: int, last: int, known) -> None:
+        """Encode `frame` with the next frames the walk may reach (one encoder batch; batches run ~25 % faster per
+        slice than single slices on a CPU). At most a batch less one slice beyond where the structure ends."""
+        size = max(int(getattr(self._model, "batch_size", 1)), 1)
+        ahead = [f for f in range(frame, frame + step * size, step) if first <= f <= last and f not in known]
+        self._model.features(self._frames, needed=ahead)
 
     @staticmethod
     def _clip_box(box, shape_hw):

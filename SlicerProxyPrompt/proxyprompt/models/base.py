@@ -7,6 +7,7 @@ fingerprint, so re-runs and every generator reuse them), and executes a `PromptP
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import nullcontext
 from typing import Dict, Optional
 
@@ -96,21 +97,29 @@ class SliceModel:
 
     def __init__(self) -> None:
         self.encoder_calls = 0  # slices sent through the image encoder (tests count re-use)
+        self.encode_seconds = 0.0  # wall time spent in the image encoder (the engine's per-phase profile)
         self._feature_cache: Dict[str, object] = {}
 
     def describe(self) -> str:
         text = f"{self.name} ({self.family}, {self.image_size} px, {self.device}, {self.precision})"
         return text + " with RANDOM weights: outputs are not accuracy" if self.is_random else text
 
-    def features(self, frames, progress: Optional[ProgressCallback] = None, cancel=None):
-        """Image features of all frames, computed once per stack content and reused afterwards."""
+    def features(self, frames, progress: Optional[ProgressCallback] = None, cancel=None, needed=None):
+        """Image features of all frames, computed once per stack content and reused afterwards. `needed` (frame
+        indices) lets a model that encodes frame by frame (SAM family) encode only those; this one encodes all."""
         key = frames.fingerprint()
         if key not in self._feature_cache:
             self._feature_cache.clear()  # one target at a time: keep memory bounded
+            started = time.perf_counter()
             self._feature_cache[key] = self._encode(frames, progress, cancel)
+            self.encode_seconds += time.perf_counter() - started
         else:
             report(progress, "encode", frames.num_slices, frames.num_slices)
         return self._feature_cache[key]
+
+    def encoded_slices(self, frames) -> int:
+        """How many of the frames the model holds image features of (this one encodes all frames or none)."""
+        return frames.num_slices if frames.fingerprint() in self._feature_cache else 0
 
     def _encode(self, frames, progress, cancel):  # pragma: no cover - interface
         raise NotImplementedError

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +45,7 @@ from ..errors import CheckpointError, InputError
 from ..progress import check_cancel, report
 from .base import SliceModel, autocast, select_device, select_precision
 from .checkpoint_file import load_into, read_state_dict
+from .feature_cache import FeatureDiskCache, entry_key, model_identity
 
 log = logging.getLogger("proxyprompt")
 
@@ -337,6 +339,11 @@ class Sam2Model(SliceModel):
         self.predictor = build_predictor(config, checkpoint_path, self.device, self.image_size)
         self.encode_batch = int(encode_batch or (8 if self.device == "cuda" else 2))
         self._support_cache: "OrderedDict[str, FrameFeatures]" = OrderedDict()
+        self.disk_cache = FeatureDiskCache()  # support features across processes (models/feature_cache.py)
+        self.support_encoder_calls = 0  # support slices encoded (not read from a cache)
+        self.support_disk_hits = 0  # support slices read from the disk cache
+        self.reference_encode_seconds = 0.0  # the part of `encode_seconds` spent on support slices
+        self._pos = None  # the backbone's positional encodings (position_encodings)
         self._last_run: Dict[str, object] = {}
         self._incremental: Optional[_Incremental] = None  # the last run's state (one target; see _Incremental)
         self.frames_propagated = 0  # frames sent through the tracking loop by the last propagate()
@@ -430,8 +437,57 @@ class Sam2Model(SliceModel):
         finally:
             del encoder.forward  # back to the class's forward
 
+    def feature_identity(self) -> str:
+        """What the support features depend on besides the slice (the disk cache's model part of the key)."""
+        import sam2
+
+        weights = "random-seed-%d" % RANDOM_SEED if self.checkpoint is None else (
+            getattr(self.spec, "sha256", None) or f"{self.checkpoint.resolve()}:{self.checkpoint.stat().st_size}:"
+                                                  f"{self.checkpoint.stat().st_mtime_ns}")
+        return model_identity("sam2", self.name, weights, self.spec.config, self.image_size, self.precision,
+                              self.device, getattr(sam2, "__version__", "?"))
+
+    def position_encodings(self):
+        """The backbone's positional encodings per level ([1, C, H, W] float32; the same for every frame): from the
+        neck on zero trunk outputs (cheap), so features read from the disk cache need no encoder pass."""
+        if self._pos is None:
+            torch = _torch()
+            encoder = self.predictor.image_encoder
+            channels = list(reversed(encoder.neck.backbone_channel_list))  # trunk order: stride 4 first
+            trunk = [torch.zeros((1, c, self.image_size // s, self.image_size // s), device=self.device)
+                     for c, s in zip(channels, (4, 8, 16, 32))]
+            with self._forward_mode():
+                _, pos = encoder.neck(trunk)
+            if encoder.scalp > 0:
+                pos = pos[: -encoder.scalp]
+            self._pos = [p[0:1].float() for p in pos]
+        return self._pos
+
+    def _disk_entry(self, features: FrameFeatures, row: int) -> dict:
+        """One support slice's features as stored on disk: bf16 where that is exact (autocast outputs)."""
+        torch = _torch()
+        entry = {"embedding": torch.from_numpy(np.ascontiguousarray(features.embeddings[row : row + 1]))}
+        for level, value in enumerate(features.fpn):
+            value = value[row : row + 1].cpu()
+            narrow = value.to(torch.bfloat16)
+            entry[f"fpn{level}"] = narrow if torch.equal(narrow.float(), value) else value
+        return entry
+
+    def _from_disk_entry(self, entry: dict) -> Optional[FrameFeatures]:
+        torch = _torch()
+        levels = len(self.position_encodings())
+        try:
+            fpn = [entry[f"fpn{level}"].float() for level in range(levels)]
+            embedding = entry["embedding"].double().numpy()
+        except (KeyError, AttributeError):
+            return None
+        store = self.device if self.device != "cpu" else "cpu"
+        return FrameFeatures([level.to(store) for level in fpn], [p.to(store) for p in self.position_encodings()],
+                             embedding)
+
     def support_features(self, images: np.ndarray, cancel=None) -> FrameFeatures:
-        """Features of support (reference) slices, cached by content (kept across runs and targets)."""
+        """Features of support (reference) slices, cached by content: in memory (kept across runs and targets) and on
+        disk (`feature_cache`: kept across processes, so a second target from the same reference encodes none)."""
         torch = _torch()
         keys, missing = [], []
         for index in range(images.shape[0]):
@@ -443,12 +499,31 @@ class Sam2Model(SliceModel):
                 self._support_cache.move_to_end(key)
             elif key not in [k for k, _ in missing]:
                 missing.append((key, index))
+        if missing and self.disk_cache.enabled:
+            identity = self.feature_identity()
+            still = []
+            for key, index in missing:
+                stored = self.disk_cache.get(entry_key(identity, key))
+                features = self._from_disk_entry(stored) if stored is not None else None
+                if features is None:
+                    still.append((key, index))
+                else:
+                    self._support_cache[key] = features
+                    self.support_disk_hits += 1
+            missing = still
         if missing:
+            started = time.perf_counter()
             encoded = self._encode_images(images[[i for _, i in missing]], cancel=cancel, phase="encode-support")
+            self.encode_seconds += time.perf_counter() - started
+            self.reference_encode_seconds += time.perf_counter() - started
+            self.support_encoder_calls += len(missing)
+            identity = self.feature_identity() if self.disk_cache.enabled else None
             for row, (key, _) in enumerate(missing):
                 self._support_cache[key] = FrameFeatures(
                     [level[row : row + 1] for level in encoded.fpn], encoded.pos, encoded.embeddings[row : row + 1]
                 )
+                if identity is not None:
+                    self.disk_cache.put(entry_key(identity, key), self._disk_entry(encoded, row))
         parts = [self._support_cache[key] for key in keys]
         while len(self._support_cache) > max(SUPPORT_CACHE_SLICES, len(keys)):
             self._support_cache.popitem(last=False)

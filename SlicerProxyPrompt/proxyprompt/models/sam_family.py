@@ -17,6 +17,7 @@ Preprocessing (measured, `docs/benchmarks.md` / the report of issue 3):
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional, Tuple
 
 import numpy as np
@@ -194,31 +195,60 @@ class SamFamilyModel(SliceModel):
         return padded
 
     # --- encoding -------------------------------------------------------------------------------
-    def _encode(self, frames, progress, cancel):
+    def features(self, frames, progress=None, cancel=None, needed=None):
+        """The frames' image embeddings, encoded frame by frame on demand: `needed` (frame indices; None: all)
+        are encoded now (batched) unless cached. A slice that can hold no structure is never asked for, so it
+        is never encoded (the encoder is almost all of the time of a SAM-family run). One target at a time."""
         import torch
 
-        images = frames.images
-        total = images.shape[0]
-        embeddings = []
+        key = frames.fingerprint()
+        entry = self._feature_cache.get(key)
+        if entry is None:
+            self._feature_cache.clear()  # one target at a time: keep memory bounded
+            entry = {"embeddings": None, "encoded": np.zeros(frames.num_slices, dtype=bool),
+                     "shape": (frames.height, frames.width)}
+            self._feature_cache[key] = entry
+        wanted = range(frames.num_slices) if needed is None else sorted(
+            {int(f) for f in needed if 0 <= int(f) < frames.num_slices})
+        missing = [f for f in wanted if not entry["encoded"][f]]
+        total = len(missing)
+        if not missing:
+            if needed is None:
+                report(progress, "encode", frames.num_slices, frames.num_slices)
+            return entry
         report(progress, "encode", 0, total)
+        started = time.perf_counter()
         with torch.inference_mode():
             for start in range(0, total, self.batch_size):
                 check_cancel(cancel)
-                batch = self._preprocess(images[start:start + self.batch_size]).to(self.device)
+                rows = missing[start:start + self.batch_size]
+                batch = self._preprocess(frames.images[rows]).to(self.device)
                 with autocast(self.device, self.precision):
-                    embedding = self.net.image_encoder(batch)
-                embeddings.append(embedding.float().cpu())
-                self.encoder_calls += int(batch.shape[0])
+                    embedding = self.net.image_encoder(batch).float().cpu()
+                if entry["embeddings"] is None:
+                    entry["embeddings"] = torch.zeros((frames.num_slices,) + tuple(embedding.shape[1:]))
+                entry["embeddings"][rows] = embedding
+                entry["encoded"][rows] = True
+                self.encoder_calls += len(rows)
                 report(progress, "encode", min(start + self.batch_size, total), total)
-        return {"embeddings": torch.cat(embeddings, dim=0), "shape": (frames.height, frames.width)}
+        self.encode_seconds += time.perf_counter() - started
+        return entry
 
-    def _features_for(self, frames=None):
+    def encoded_slices(self, frames) -> int:
+        entry = self._feature_cache.get(frames.fingerprint())
+        return int(np.count_nonzero(entry["encoded"])) if entry is not None else 0
+
+    def _features_for(self, frames=None, frame_index: Optional[int] = None):
+        """The cached entry of `frames` (or of the last stack) with `frame_index` encoded."""
         if frames is not None:
             self._last_key = frames.fingerprint()
-            return self.features(frames)
+            return self.features(frames, needed=None if frame_index is None else [frame_index])
         if not self._feature_cache:
             raise RuntimeError("no frames encoded yet: call features(frames) or pass frames")
-        return next(iter(self._feature_cache.values()))
+        entry = next(iter(self._feature_cache.values()))
+        if frame_index is not None and not entry["encoded"][int(frame_index)]:
+            raise RuntimeError(f"frame {frame_index} is not encoded: pass frames to encode it")
+        return entry
 
     def slice_embeddings(self, frames, progress=None, cancel=None) -> np.ndarray:
         features = self.features(frames, progress=progress, cancel=cancel)
@@ -251,7 +281,7 @@ class SamFamilyModel(SliceModel):
         import torch
         import torch.nn.functional as F
 
-        features = self._features_for(frames)
+        features = self._features_for(frames, frame_index)
         height, width = features["shape"]
         new_h, new_w = self._resized_shape(height, width)
         if embedding is not None:
