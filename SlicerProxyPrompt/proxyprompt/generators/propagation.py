@@ -404,4 +404,8 @@ def execute_plan(model, frames, plan, corrections=None, progress=None, cancel=No
     Returns label -> [N, H, W] float32 probability."""
     if model.capabilities.memory:
         return model.propagate(frames, plan, corrections, progress=progress, cancel=cancel)
+    if strategy is None and plan.prior_policy is not None and any(p.prior is not None for p in plan.objects.values()):
+        from .prior_refinement import run_with_prior
+
+        return run_with_prior(model, frames, plan, plan.prior_policy, corrections, progress, cancel)
     return (strategy or SliceBySlicePropagation()).propagate(model, frames, plan, corrections, progress, cancel)

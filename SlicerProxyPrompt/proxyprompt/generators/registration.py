@@ -28,10 +28,11 @@ from ..registration import segment_by_registration
 from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choice, register_robust
 from ..sparse import prepare_reference
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
+from .prior_refinement import PriorStageOptions
 
 
 @dataclass(frozen=True)
-class RegistrationOptions(Options):
+class RegistrationOptions(PriorStageOptions):
     registration_method: Optional[str] = option(
         None, "registration stages (default: intensity = several registration pipelines, the best by label-free "
               "evidence, then the intensity EM where the target's contrast shows the structures, with --model none; "
@@ -90,7 +91,11 @@ class RegistrationGenerator(Generator):
 
     def plan(self, context: GeneratorContext) -> PromptPlan:
         options = self.options_of(context)
-        return self.plan_with_method(context, options.registration_method, options.candidates())
+        plan = self.plan_with_method(context, options.registration_method, options.candidates())
+        if context.model is not None and not context.model.capabilities.memory:
+            plan.prior_policy = options.prior_policy()  # the model stage adds to the prior (prior_refinement)
+            plan.notes.append(plan.prior_policy.describe())
+        return plan
 
     @staticmethod
     def plan_with_method(context: GeneratorContext, method: Optional[str],

@@ -93,6 +93,7 @@ class SliceModel:
     device = "cpu"
     precision = "fp32"
     image_size = 1024
+    FEATURE_CACHE_ENTRIES = 1  # stacks whose features are kept (one target at a time: memory stays bounded)
 
     def __init__(self) -> None:
         self.encoder_calls = 0  # slices sent through the image encoder (tests count re-use)
@@ -106,10 +107,12 @@ class SliceModel:
         """Image features of all frames, computed once per stack content and reused afterwards."""
         key = frames.fingerprint()
         if key not in self._feature_cache:
-            self._feature_cache.clear()  # one target at a time: keep memory bounded
+            while len(self._feature_cache) >= self.FEATURE_CACHE_ENTRIES:  # keep memory bounded: oldest out
+                self._feature_cache.pop(next(iter(self._feature_cache)))
             self._feature_cache[key] = self._encode(frames, progress, cancel)
         else:
             report(progress, "encode", frames.num_slices, frames.num_slices)
+            self._feature_cache[key] = self._feature_cache.pop(key)  # most recently used last
         return self._feature_cache[key]
 
     def _encode(self, frames, progress, cancel):  # pragma: no cover - interface

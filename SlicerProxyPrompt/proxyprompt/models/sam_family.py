@@ -49,6 +49,10 @@ class SamFamilyModel(SliceModel):
     """LiteMedSAM (family "litemedsam") or SAM ViT-B/L/H (family "sam"): one slice at a time (`predict_slice`);
     the slice-by-slice strategy over a volume is `generators.propagation.SliceBySlicePropagation`."""
 
+    # the target's frames and one window of them (the crop around a prior, generators.prior_refinement): refinement
+    # rounds and re-runs encode neither again
+    FEATURE_CACHE_ENTRIES = 2
+
     def __init__(self, spec, checkpoint=None, device: str = "auto", image_size: Optional[int] = None,
                  random_weights: bool = False, preprocessing: str = "official", verify_checkpoint: bool = True,
                  batch_size: int = 4, precision: str = "auto") -> None:
@@ -218,7 +222,7 @@ class SamFamilyModel(SliceModel):
             return self.features(frames)
         if not self._feature_cache:
             raise RuntimeError("no frames encoded yet: call features(frames) or pass frames")
-        return next(iter(self._feature_cache.values()))
+        return self._feature_cache.get(self._last_key) or next(reversed(self._feature_cache.values()))
 
     def slice_embeddings(self, frames, progress=None, cancel=None) -> np.ndarray:
         features = self.features(frames, progress=progress, cancel=cancel)
