@@ -156,7 +156,8 @@ def test_cli_warp_random_sam2_end_to_end(acdc_small_pair, tmp_path, capsys, warp
     code = main(["segment", "--reference-image", str(folder / "reference.nrrd"), "--reference-label",
                  str(folder / "reference_label.nrrd"), "--target", str(folder / "target_oblique.nrrd"),
                  "--output", str(output), "--model", "random", "--image-size", "512", "--device", "cpu",
-                 "--generator", "warp", "--warp", warp, "--warp-iterations", "20", "--json"])
+                 "--generator", "warp", "--warp", warp, "--warp-iterations", "20", "--labels", "3",
+                 "--refinement-rounds", "1", "--json"])
     captured = capsys.readouterr()
     assert code == 0
     label, _ = read_label(output)

@@ -27,45 +27,42 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from proxyprompt.contract import PromptPlan, ReferenceCase  # noqa: E402
 from proxyprompt.frames import make_slice_stack  # noqa: E402
-from proxyprompt.generators.base import Generator, GeneratorContext, register_generator  # noqa: E402
-from proxyprompt.generators.prior_refinement import PriorStageOptions  # noqa: E402
+from proxyprompt.generators.base import GeneratorContext, register_generator  # noqa: E402
+from proxyprompt.generators.warp import WarpGenerator  # noqa: E402
+from proxyprompt.options import EngineOptions  # noqa: E402
 from proxyprompt.generators.registration import RegistrationGenerator, plan_from_label_stack  # noqa: E402
 from proxyprompt.metrics import dice  # noqa: E402
 from proxyprompt.pipeline import Engine  # noqa: E402
 from proxyprompt.volume import read_image, read_label  # noqa: E402
 
-# row name -> (crop margin (negative: none), min agreement, mask prompt)
+# row name -> (generator options, refinement rounds). The warp generator's prompts from the cached prior; rounds 0:
+# the model stage alone (what the registration generator does with a memory-less model).
+PLAIN = {"prior_crop_margin": -1.0, "prior_min_agreement": 0.0}
 ROWS = {
-    "plain (whole frame, box)": (-1.0, 0.0, False),
-    "whole frame + choice 0.5": (-1.0, 0.5, False),
-    "crop 0.3": (0.3, 0.0, False),
-    "crop 0.3 + choice 0.5": (0.3, 0.5, False),
-    "crop 0.3 + choice 0.7": (0.3, 0.7, False),
-    "crop 0.15 + choice 0.5": (0.15, 0.5, False),
-    "crop 0.6 + choice 0.5": (0.6, 0.5, False),
-    "crop 0.3 + choice 0.5 + mask input": (0.3, 0.5, True),
+    "plain (whole frame, box)": (PLAIN, 0),
+    "whole frame + choice 0.5": ({"prior_crop_margin": -1.0, "prior_min_agreement": 0.5}, 0),
+    "whole frame + choice 0.7": ({"prior_crop_margin": -1.0, "prior_min_agreement": 0.7}, 0),
+    "crop 0.3": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.0}, 0),
+    "crop 0.3 + choice 0.5": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.5}, 0),
+    "crop 0.6 + choice 0.5": ({"prior_crop_margin": 0.6, "prior_min_agreement": 0.5}, 0),
+    "default model stage": ({}, 0),
+    "default + 3 refinement rounds": ({}, 3),
+    "default + mask input + 3 rounds": ({"warp_prompts": "box,mask"}, 3),
 }
 
 _PRIORS = {}
 
 
-
-
 @register_generator
-class CachedPriorGenerator(Generator):
-    """The benchmark's prior, computed once per pair, with the prior policy of the row."""
+class CachedPriorGenerator(WarpGenerator):
+    """The warp generator on the benchmark's prior, computed once per pair (the warp is not re-run per row)."""
 
     name = "cached-prior"
-    description = "benchmark only: a precomputed prior"
-    needs_model = True
-    Options = PriorStageOptions
+    description = "benchmark only: the warp generator on a precomputed prior"
 
-    def plan(self, context):
-        options = self.options_of(context)
-        stack, mask_prompt = _PRIORS["current"]
-        plan = PromptPlan(objects=plan_from_label_stack(stack, context.labels))
-        plan.prior_policy = options.prior_policy(mask_prompt)
-        return plan
+    def warp_prior_plan(self, context):
+        stack = _PRIORS["current"]
+        return PromptPlan(objects=plan_from_label_stack(stack, context.labels), optional_fields=("prior",))
 
 
 def case_names(data: Path, pattern: str):
@@ -81,8 +78,6 @@ def compute_prior(kind: str, reference: ReferenceCase, target, labels):
     if kind == "registration":
         plan = RegistrationGenerator.plan_with_method(context, "deformable")
     else:
-        from proxyprompt.generators.warp import WarpGenerator
-
         context.options = {"warp": kind.split("-", 1)[1]}
         plan = WarpGenerator().warp_prior_plan(context)
     stack = np.zeros(frames.images.shape, np.uint16)
@@ -130,14 +125,15 @@ def main(argv=None) -> int:
         entry = {"target": target_name, "reference": reference_name, "prior_seconds": prior_seconds,
                  "prior": [dice(np.asarray(prior_volume.array) == v, truth == v) for v in labels], "rows": {}}
         for row in rows:
-            margin, agreement, mask_prompt = ROWS[row]
-            _PRIORS["current"] = (stack, mask_prompt)
+            options, rounds = ROWS[row]
+            _PRIORS["current"] = stack
             tick = time.perf_counter()
             result = engine.segment([reference], target, generator="cached-prior", labels=labels,
-                                    options={"prior_crop_margin": margin, "prior_min_agreement": agreement})
+                                    options={"warp_prompts": "box", **options},
+                                    engine_options=EngineOptions(refinement_rounds=rounds))
             label = np.asarray(result.label.array)
             entry["rows"][row] = {"dice": [dice(label == v, truth == v) for v in labels],
-                                  "seconds": time.perf_counter() - tick}
+                                  "seconds": time.perf_counter() - tick, "rounds": result.info["refinement_rounds"]}
         results.append(entry)
         print(target_name, reference_name, "prior", round(float(np.mean(entry["prior"])), 3),
               {r: round(float(np.mean(e["dice"])), 3) for r, e in entry["rows"].items()}, flush=True)
