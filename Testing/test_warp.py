@@ -111,7 +111,7 @@ class _Frames:
 class _ModelWithoutMemory:
     """Declares capabilities only: the generator's refinement decisions read nothing else of the model here."""
 
-    capabilities = ModelCapabilities(boxes=True, masks=True, prior=True, frame_range=True)
+    capabilities = ModelCapabilities(boxes=True, masks=True, prior=True)
 
 
 def test_refinement_stops_when_two_rounds_agree():
