@@ -83,12 +83,11 @@ def crop_frames(frames: SliceStack, y0: int, y1: int, x0: int, x1: int) -> Slice
     return replace(frames, images=np.ascontiguousarray(frames.images[:, y0:y1, x0:x1]))
 
 
-def run_with_prior(model, frames: SliceStack, plan: PromptPlan, policy: PriorPolicy,
+def run_with_prior(model, frames: SliceStack, plan: PromptPlan, policy: PriorPolicy, strategy,
                    corrections: Optional[Corrections] = None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
-    """Execute a plan with priors on a memory-less model under `policy`: label -> [N, H, W] float32 probability."""
-    from .propagation import SliceBySlicePropagation
-
-    strategy = SliceBySlicePropagation(prior_margin=policy.box_margin, use_mask_prompt=policy.mask_prompt)
+    """Execute a plan with priors on a memory-less model under `policy` with the slice-by-slice `strategy`
+    (`propagation.SliceBySlicePropagation`, made with the policy's box margin and mask input): label -> [N, H, W]
+    float32 probability."""
     n, height, width = frames.images.shape
     window = None
     if policy.crop_margin is not None and not any(p.embeddings for p in plan.objects.values()):
