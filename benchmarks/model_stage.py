@@ -45,9 +45,10 @@ ROWS = {
     "crop 0.3": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.0}, 0),
     "crop 0.3 + choice 0.5": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.5}, 0),
     "crop 0.6 + choice 0.5": ({"prior_crop_margin": 0.6, "prior_min_agreement": 0.5}, 0),
-    "default model stage": ({}, 0),
-    "default + 3 refinement rounds": ({}, 3),
-    "default + mask input + 3 rounds": ({"warp_prompts": "box,mask"}, 3),
+    "whole frame + choice 0.5 + 3 rounds": ({"prior_crop_margin": -1.0, "prior_min_agreement": 0.5}, 3),
+    "whole frame + choice 0.5 + mask input + 3 rounds": (
+        {"prior_crop_margin": -1.0, "prior_min_agreement": 0.5, "warp_prompts": "box,mask"}, 3),
+    "crop 0.3 + choice 0.5 + 3 rounds": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.5}, 3),
 }
 
 _PRIORS = {}
@@ -63,6 +64,30 @@ class CachedPriorGenerator(WarpGenerator):
     def warp_prior_plan(self, context):
         stack = _PRIORS["current"]
         return PromptPlan(objects=plan_from_label_stack(stack, context.labels), optional_fields=("prior",))
+
+
+def markdown_table(results, rows, labels, table, prior_name) -> str:
+    """Rows: the prior alone, then each model row; Dice per structure (mean), mean, the per-pair split by whether
+    the prior was right (its mean Dice >= 0.5): the row's mean vs the prior's on those pairs; seconds per volume."""
+    prior_means = np.array([np.mean(e["prior"]) for e in results])
+    right = prior_means >= 0.5
+    names = [table.get(str(v), str(v)) for v in labels]
+
+    def split(values, mask):
+        return f"{values[mask].mean():.3f} ({int(mask.sum())})" if mask.any() else "-"
+
+    lines = [f"| row (prior: {prior_name}) | " + " | ".join(names) + " | mean | prior right: row / prior (n) | "
+             "prior wrong: row / prior (n) | s / volume |", "|---" * (len(labels) + 5) + "|"]
+    per = " | ".join(f"{np.mean([e['prior'][i] for e in results]):.3f}" for i in range(len(labels)))
+    lines.append(f"| prior alone | {per} | {prior_means.mean():.3f} | {split(prior_means, right)} | "
+                 f"{split(prior_means, ~right)} | {np.nanmean([e['prior_seconds'] for e in results]):.1f} |")
+    for row in rows:
+        means = np.array([np.mean(e["rows"][row]["dice"]) for e in results])
+        per = " | ".join(f"{np.mean([e['rows'][row]['dice'][i] for e in results]):.3f}" for i in range(len(labels)))
+        lines.append(f"| {row} | {per} | {means.mean():.3f} | {split(means, right)} / {split(prior_means, right)} | "
+                     f"{split(means, ~right)} / {split(prior_means, ~right)} | "
+                     f"{np.mean([e['rows'][row]['seconds'] for e in results]):.1f} |")
+    return "\n".join(lines)
 
 
 def case_names(data: Path, pattern: str):
@@ -97,7 +122,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated row names")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/proxyprompt-model-stage"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--table-from", type=Path, help="only print the table of a --json file written earlier")
     args = parser.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        first = saved["pairs"][0]
+        labels = [int(v) for v in saved["labels"]]
+        print(markdown_table(saved["pairs"], list(first["rows"]), labels,
+                             {k: v for k, v in saved["labels"].items()}, args.prior))
+        return 0
     rows = [r for r in args.rows.split(";") if r]
     args.cache.mkdir(parents=True, exist_ok=True)
     names = case_names(args.data, args.glob)
@@ -135,20 +168,12 @@ def main(argv=None) -> int:
             entry["rows"][row] = {"dice": [dice(label == v, truth == v) for v in labels],
                                   "seconds": time.perf_counter() - tick, "rounds": result.info["refinement_rounds"]}
         results.append(entry)
+        if args.json:  # after every pair: a long run stopped early keeps what it measured
+            args.json.write_text(json.dumps({"labels": {str(v): table.get(str(v)) for v in labels},
+                                             "pairs": results}, indent=1, default=float))
         print(target_name, reference_name, "prior", round(float(np.mean(entry["prior"])), 3),
               {r: round(float(np.mean(e["dice"])), 3) for r, e in entry["rows"].items()}, flush=True)
-    prior_means = np.array([np.mean(e["prior"]) for e in results])
-    right = prior_means >= 0.5
-    print(f"\nprior ({args.prior}): mean {prior_means.mean():.3f}; per structure "
-          + " / ".join(f"{np.mean([e['prior'][i] for e in results]):.3f}" for i in range(len(labels))))
-    for row in rows:
-        means = np.array([np.mean(e["rows"][row]["dice"]) for e in results])
-        per = " / ".join(f"{np.mean([e['rows'][row]['dice'][i] for e in results]):.3f}" for i in range(len(labels)))
-        print(f"{row}: mean {means.mean():.3f} ({per}); prior right ({int(right.sum())}): "
-              f"{means[right].mean() if right.any() else float('nan'):.3f} vs {prior_means[right].mean() if right.any() else float('nan'):.3f}; "
-              f"prior wrong ({int((~right).sum())}): {means[~right].mean() if (~right).any() else float('nan'):.3f} vs "
-              f"{prior_means[~right].mean() if (~right).any() else float('nan'):.3f}; "
-              f"s/volume {np.mean([e['rows'][row]['seconds'] for e in results]):.1f}")
+    print(markdown_table(results, rows, labels, table, args.prior))
     if args.json:
         args.json.write_text(json.dumps({"labels": {str(v): table.get(str(v)) for v in labels}, "pairs": results},
                                         indent=1, default=float))

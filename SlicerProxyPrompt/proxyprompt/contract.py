@@ -99,12 +99,12 @@ class SupportSlice:
 
 @dataclass(frozen=True)
 class PriorPolicy:
-    """How a memory-less model is run from a prior (`generators.prior_refinement`). crop_margin: fraction of the prior's box size added on each side
-    of the crop (None: no crop, the whole frame); min_agreement: per slice and structure, Dice between the model's
+    """How a memory-less model is run from a prior (`generators.prior_refinement`). crop_margin: fraction of the
+    prior's box size added on each side of the crop (None: no crop, the whole frame); min_agreement: per slice and structure, Dice between the model's
     mask and the prior below which the prior is kept (0: always the model); box_margin: pixels (frame pixels)
     around each prior box; mask_prompt: also feed the prior as the model's mask input."""
 
-    crop_margin: Optional[float] = 0.3
+    crop_margin: Optional[float] = None
     min_agreement: float = 0.5
     box_margin: int = 3
     mask_prompt: bool = False

@@ -32,7 +32,7 @@ class PriorStageOptions(Options):
     CLI flag each). A negative crop margin: no crop (the whole frame)."""
 
     prior_crop_margin: float = option(
-        0.3, "model stage from a prior (LiteMedSAM, SAM ViT): crop the frames around the prior, this fraction of its "
+        -1.0, "model stage from a prior (LiteMedSAM, SAM ViT): crop the frames around the prior, this fraction of its "
              "size added on each side (negative: no crop, the whole frame)", float)
     prior_min_agreement: float = option(
         0.5, "model stage from a prior: per slice, keep the prior where the model's mask agrees with it below this "
