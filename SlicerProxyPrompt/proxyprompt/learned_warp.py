@@ -154,7 +154,7 @@ def fit_displacement(fixed_nhw: np.ndarray, moving_nhw: np.ndarray, settings: Wa
         raise ValueError(f"loss must be one of {LOSSES}")
     n, height, width = fixed_nhw.shape
     grid_h, grid_w = _fit_grid(height, width, settings.resolution)
-    resize = lambda a: F.interpolate(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None],  # noqa: E731
+    resize = lambda a: F.interpolate(torch.tensor(np.asarray(a, dtype=np.float32))[:, None],  # noqa: E731
                                      size=(grid_h, grid_w), mode="bilinear", align_corners=False,
                                      antialias=grid_h < height)
     fixed, moving = _standardised(resize(fixed_nhw)), _standardised(resize(moving_nhw))
@@ -206,9 +206,9 @@ def warp_frames(stack_nhw: np.ndarray, displacement: np.ndarray, mode: str = "bi
     """[N, H, W] sampled at x + displacement ([N, 2, H, W], frame pixels)."""
     import torch
 
-    images = torch.from_numpy(np.ascontiguousarray(stack_nhw, dtype=np.float32))[:, None]
+    images = torch.tensor(np.asarray(stack_nhw, dtype=np.float32))[:, None]  # a copy: inputs may be read-only
     with torch.no_grad():
-        warped = warp_tensor(images, torch.from_numpy(np.ascontiguousarray(displacement, dtype=np.float32)), mode)
+        warped = warp_tensor(images, torch.tensor(np.asarray(displacement, dtype=np.float32)), mode)
     return warped[:, 0].numpy().astype(np.float32)
 
 
@@ -220,7 +220,7 @@ def image_dissimilarity(fixed_nhw: np.ndarray, moving_nhw: np.ndarray,
 
     n, height, width = fixed_nhw.shape
     grid_h, grid_w = _fit_grid(height, width, settings.resolution)
-    resize = lambda a: F.interpolate(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None],  # noqa: E731
+    resize = lambda a: F.interpolate(torch.tensor(np.asarray(a, dtype=np.float32))[:, None],  # noqa: E731
                                      size=(grid_h, grid_w), mode="bilinear", align_corners=False,
                                      antialias=grid_h < height)
     with torch.no_grad():
