@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -118,7 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--first", type=int, default=0)
     parser.add_argument("--targets", type=int, default=5)
     parser.add_argument("--offset", type=int, default=1)
-    parser.add_argument("--prior", default="registration", choices=("registration", "warp-registration", "warp-learned"))
+    parser.add_argument("--prior", default="registration",
+                        choices=("registration", "warp-registration", "warp-learned"))
     parser.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated row names")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/proxyprompt-model-stage"))
     parser.add_argument("--json", type=Path)

@@ -44,7 +44,8 @@ class PriorStageOptions(Options):
         return PriorPolicy(crop_margin=margin, min_agreement=self.prior_min_agreement, mask_prompt=mask_prompt)
 
 
-def prior_crop(plan: PromptPlan, shape_hw: Tuple[int, int], margin: float, min_side: int) -> Optional[Tuple[int, int, int, int]]:
+def prior_crop(plan: PromptPlan, shape_hw: Tuple[int, int], margin: float,
+               min_side: int) -> Optional[Tuple[int, int, int, int]]:
     """(y0, y1, x0, x1) square-ish crop around every structure's prior over all frames, None when no prior."""
     union = None
     for prompt in plan.objects.values():

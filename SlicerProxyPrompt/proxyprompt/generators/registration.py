@@ -2,7 +2,9 @@
 
 With model `none` the warped labels are the result (works with no GPU and no weights: the baseline every
 other generator must beat). With a model, they become per-slice prompts: a mask prior, a box per slice,
-and the slice range where each structure is expected (the stopping rule of propagation).
+and the slice range where each structure is expected (the stopping rule of propagation); a memory-less model runs
+them through the shared model stage from a prior (`prior_refinement`: `--prior-crop-margin`,
+`--prior-min-agreement`), as the warp generator does.
 
 For methods deformable / intensity (the defaults) every reference is registered by several pipelines and one is
 kept by label-free evidence (`proxyprompt.registration_candidates`); the plan carries a per-structure quality
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..frames import bounding_box
-from ..options import REGISTRATION_METHODS, Options, option
+from ..options import REGISTRATION_METHODS, option
 from ..quality import quality_warnings
 from ..registration import segment_by_registration
 from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choice, register_robust
