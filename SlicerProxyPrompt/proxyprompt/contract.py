@@ -105,7 +105,7 @@ class PriorPolicy:
     around each prior box; mask_prompt: also feed the prior as the model's mask input."""
 
     crop_margin: Optional[float] = None
-    min_agreement: float = 0.5
+    min_agreement: float = 0.7
     box_margin: int = 3
     mask_prompt: bool = False
     min_crop_px: int = 32

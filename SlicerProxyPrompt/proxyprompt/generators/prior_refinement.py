@@ -10,7 +10,8 @@ Two candidate remedies, both options, measured in docs/benchmarks.md ("Model sta
   whole frame (`prior_crop_margin` < 0).
 * **choice per slice** (`min_agreement`): where the model's mask disagrees with the prior (Dice below it), the prior
   is kept on that slice: a box from a misplaced prior makes the model segment whatever lies in the box (another
-  chamber, the background), which is worse than the prior itself. Default 0.5.
+  chamber, the background), which is worse than the prior itself. Default 0.7: on the selection pairs of both
+  anatomies 0.7 >= 0.5 >= none (hippocampus 0.668 / 0.610 / 0.538 against a prior of 0.746; ACDC unchanged).
 Slices without prior and seeds (corrections, conditioning masks) are handled by `SliceBySlicePropagation` as before.
 """
 
@@ -36,7 +37,7 @@ class PriorStageOptions(Options):
         -1.0, "model stage from a prior (LiteMedSAM, SAM ViT): crop the frames around the prior, this fraction of its "
              "size added on each side (negative: no crop, the whole frame)", float)
     prior_min_agreement: float = option(
-        0.5, "model stage from a prior: per slice, keep the prior where the model's mask agrees with it below this "
+        0.7, "model stage from a prior: per slice, keep the prior where the model's mask agrees with it below this "
              "Dice (0: always the model)", float, minimum=0.0, maximum=1.0)
 
     def prior_policy(self, mask_prompt: bool = False) -> PriorPolicy:
