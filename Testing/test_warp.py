@@ -167,8 +167,8 @@ def test_cli_warp_end_to_end(acdc_small_pair, tmp_path, capsys, warp, model):
     assert label.same_grid(read_image(folder / "target_oblique.nrrd"))
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert f"warp: {warp}; prompts: box, points" in summary["notes"]
-    if model == "litemedsam":  # no points executed: dropped with a note; the shared model stage from the prior
-        assert any("plan field 'points' dropped" in note for note in summary["notes"])
+    if model == "litemedsam":  # no points executed: said in a note; the shared model stage from the prior
+        assert any(note.startswith("point prompts not made") for note in summary["notes"])
         assert any(note.startswith("model stage from the prior") for note in summary["notes"])
     assert "propagate" in captured.err and "%|" in captured.err  # the tqdm progress bar
     if warp == "learned":

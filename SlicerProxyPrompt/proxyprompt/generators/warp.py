@@ -206,7 +206,11 @@ class WarpGenerator(Generator):
         memory = model.capabilities.memory
         priors = {v: np.asarray(p.prior) > 0.5 for v, p in plan.objects.items() if p.prior is not None}
         similarity = None
-        if "points" in kinds and model.capabilities.points and model.capabilities.pixel_features and priors:
+        if "points" in kinds and not (model.capabilities.points and model.capabilities.pixel_features):
+            note = "point prompts not made: the model does not execute points (or offers no per-pixel features)"
+            if note not in plan.notes:
+                plan.notes.append(note)
+        elif "points" in kinds and priors:
             features = model.pixel_features(context.target_frames, cancel=context.cancel)
             similarity = {v: similarity_maps(features, mask) for v, mask in priors.items()}
         for value, prompt in plan.objects.items():
@@ -245,6 +249,8 @@ class WarpGenerator(Generator):
                 prompt.prior = None  # SAM 2 reads the conditioning frames, not a prior
         else:
             plan.prior_policy = options.prior_policy(mask_prompt="mask" in kinds)
+            if plan.prior_policy.describe() not in plan.notes:
+                plan.notes.append(plan.prior_policy.describe())
         if "points" in kinds:
             plan.optional_fields = tuple(sorted(set(plan.optional_fields) | {"points"}))
         return plan
