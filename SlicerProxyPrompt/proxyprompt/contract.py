@@ -97,6 +97,26 @@ class SupportSlice:
     source_index: int  # slice index in the reference stack
 
 
+@dataclass(frozen=True)
+class PriorPolicy:
+    """How a memory-less model is run from a prior (`generators.prior_refinement`). crop_margin: fraction of the
+    prior's box size added on each side of the crop (None: no crop, the whole frame); min_agreement: per slice and structure, Dice between the model's
+    mask and the prior below which the prior is kept (0: always the model); box_margin: pixels (frame pixels)
+    around each prior box; mask_prompt: also feed the prior as the model's mask input."""
+
+    crop_margin: Optional[float] = None
+    min_agreement: float = 0.7
+    box_margin: int = 3
+    mask_prompt: bool = False
+    min_crop_px: int = 32
+
+    def describe(self) -> str:
+        crop = "whole frame" if self.crop_margin is None else f"crop around the prior (margin {self.crop_margin:g})"
+        return (f"model stage from the prior: {crop}, prior kept on slices where the model agrees with it below "
+                f"Dice {self.min_agreement:g}, box margin {self.box_margin} px"
+                + (", prior as mask input" if self.mask_prompt else ""))
+
+
 @dataclass(eq=False)
 class PromptPlan:
     """What a model executes. `optional_fields`: plan fields (names of `PLAN_FIELDS`) the generator can do without;
@@ -114,6 +134,8 @@ class PromptPlan:
     optional_fields: Tuple[str, ...] = ()
     # label value -> per-structure quality estimate ({"score": ..., evidence...}; proxyprompt.quality), if known
     quality: Dict[int, dict] = field(default_factory=dict)
+    # how a memory-less model refines the objects' priors (crop, per-slice choice); None: plain box prompts
+    prior_policy: Optional[PriorPolicy] = None
 
     @property
     def labels(self) -> List[int]:

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..frames import bounding_box
 from ..progress import check_cancel, report
+from .prior_refinement import run_with_prior
 
 
 def _fill_holes_2d(mask_hw: np.ndarray) -> np.ndarray:
@@ -478,4 +479,8 @@ def execute_plan(model, frames, plan, corrections=None, progress=None, cancel=No
     if model.capabilities.memory:
         results = model.propagate(frames, plan, corrections, progress=progress, cancel=cancel)
         return clip_to_frame_ranges(results, plan, corrections)
+    policy = plan.prior_policy
+    if strategy is None and policy is not None and any(p.prior is not None for p in plan.objects.values()):
+        strategy = SliceBySlicePropagation(prior_margin=policy.box_margin, use_mask_prompt=policy.mask_prompt)
+        return run_with_prior(model, frames, plan, policy, strategy, corrections, progress, cancel)
     return (strategy or SliceBySlicePropagation()).propagate(model, frames, plan, corrections, progress, cancel)

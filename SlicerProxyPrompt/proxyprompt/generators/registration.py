@@ -2,7 +2,9 @@
 
 With model `none` the warped labels are the result (works with no GPU and no weights: the baseline every
 other generator must beat). With a model, they become per-slice prompts: a mask prior, a box per slice,
-and the slice range where each structure is expected (the stopping rule of propagation).
+and the slice range where each structure is expected (the stopping rule of propagation); a memory-less model runs
+them through the shared model stage from a prior (`prior_refinement`: `--prior-crop-margin`,
+`--prior-min-agreement`), as the warp generator does.
 
 For methods deformable / intensity (the defaults) every reference is registered by several pipelines and one is
 kept by label-free evidence (`proxyprompt.registration_candidates`); the plan carries a per-structure quality
@@ -22,16 +24,17 @@ import numpy as np
 
 from ..errors import InputError
 from ..frames import bounding_box
-from ..options import REGISTRATION_METHODS, Options, option
+from ..options import REGISTRATION_METHODS, option
 from ..quality import quality_warnings
 from ..registration import segment_by_registration
 from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choice, register_robust
 from ..sparse import prepare_reference
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
+from .prior_refinement import PriorStageOptions
 
 
 @dataclass(frozen=True)
-class RegistrationOptions(Options):
+class RegistrationOptions(PriorStageOptions):
     registration_method: Optional[str] = option(
         None, "registration stages (default: intensity = several registration pipelines, the best by label-free "
               "evidence, then the intensity EM where the target's contrast shows the structures, with --model none; "
@@ -90,7 +93,11 @@ class RegistrationGenerator(Generator):
 
     def plan(self, context: GeneratorContext) -> PromptPlan:
         options = self.options_of(context)
-        return self.plan_with_method(context, options.registration_method, options.candidates())
+        plan = self.plan_with_method(context, options.registration_method, options.candidates())
+        if context.model is not None and not context.model.capabilities.memory:
+            plan.prior_policy = options.prior_policy()  # the model stage adds to the prior (prior_refinement)
+            plan.notes.append(plan.prior_policy.describe())
+        return plan
 
     @staticmethod
     def plan_with_method(context: GeneratorContext, method: Optional[str],

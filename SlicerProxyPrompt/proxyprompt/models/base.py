@@ -94,6 +94,7 @@ class SliceModel:
     device = "cpu"
     precision = "fp32"
     image_size = 1024
+    FEATURE_CACHE_ENTRIES = 1  # stacks whose features are kept (one target at a time: memory stays bounded)
 
     def __init__(self) -> None:
         self.encoder_calls = 0  # slices sent through the image encoder (tests count re-use)
@@ -109,12 +110,14 @@ class SliceModel:
         indices) lets a model that encodes frame by frame (SAM family) encode only those; this one encodes all."""
         key = frames.fingerprint()
         if key not in self._feature_cache:
-            self._feature_cache.clear()  # one target at a time: keep memory bounded
+            while len(self._feature_cache) >= self.FEATURE_CACHE_ENTRIES:  # keep memory bounded: oldest out
+                self._feature_cache.pop(next(iter(self._feature_cache)))
             started = time.perf_counter()
             self._feature_cache[key] = self._encode(frames, progress, cancel)
             self.encode_seconds += time.perf_counter() - started
         else:
             report(progress, "encode", frames.num_slices, frames.num_slices)
+            self._feature_cache[key] = self._feature_cache.pop(key)  # most recently used last
         return self._feature_cache[key]
 
     def encoded_slices(self, frames) -> int:

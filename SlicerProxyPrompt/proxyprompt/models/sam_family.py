@@ -50,6 +50,10 @@ class SamFamilyModel(SliceModel):
     """LiteMedSAM (family "litemedsam") or SAM ViT-B/L/H (family "sam"): one slice at a time (`predict_slice`);
     the slice-by-slice strategy over a volume is `generators.propagation.SliceBySlicePropagation`."""
 
+    # the target's frames and one window of them (the crop around a prior, generators.prior_refinement): refinement
+    # rounds and re-runs encode neither again
+    FEATURE_CACHE_ENTRIES = 2
+
     def __init__(self, spec, checkpoint=None, device: str = "auto", image_size: Optional[int] = None,
                  random_weights: bool = False, preprocessing: str = "official", verify_checkpoint: bool = True,
                  batch_size: int = 4, precision: str = "auto") -> None:
@@ -198,16 +202,20 @@ class SamFamilyModel(SliceModel):
     def features(self, frames, progress=None, cancel=None, needed=None):
         """The frames' image embeddings, encoded frame by frame on demand: `needed` (frame indices; None: all)
         are encoded now (batched) unless cached. A slice that can hold no structure is never asked for, so it
-        is never encoded (the encoder is almost all of the time of a SAM-family run). One target at a time."""
+        is never encoded (the encoder is almost all of the time of a SAM-family run). The last
+        FEATURE_CACHE_ENTRIES stacks are kept (a target and the reference a generator reads features of)."""
         import torch
 
         key = frames.fingerprint()
         entry = self._feature_cache.get(key)
         if entry is None:
-            self._feature_cache.clear()  # one target at a time: keep memory bounded
+            while len(self._feature_cache) >= self.FEATURE_CACHE_ENTRIES:  # keep memory bounded: oldest out
+                self._feature_cache.pop(next(iter(self._feature_cache)))
             entry = {"embeddings": None, "encoded": np.zeros(frames.num_slices, dtype=bool),
                      "shape": (frames.height, frames.width)}
             self._feature_cache[key] = entry
+        else:
+            self._feature_cache[key] = self._feature_cache.pop(key)  # most recently used last
         wanted = range(frames.num_slices) if needed is None else sorted(
             {int(f) for f in needed if 0 <= int(f) < frames.num_slices})
         missing = [f for f in wanted if not entry["encoded"][f]]
@@ -245,7 +253,7 @@ class SamFamilyModel(SliceModel):
             return self.features(frames, needed=None if frame_index is None else [frame_index])
         if not self._feature_cache:
             raise RuntimeError("no frames encoded yet: call features(frames) or pass frames")
-        entry = next(iter(self._feature_cache.values()))
+        entry = self._feature_cache.get(self._last_key) or next(reversed(self._feature_cache.values()))
         if frame_index is not None and not entry["encoded"][int(frame_index)]:
             raise RuntimeError(f"frame {frame_index} is not encoded: pass frames to encode it")
         return entry
