@@ -15,7 +15,7 @@ from .base import (  # noqa: F401
     register_generator,
 )
 
-_BUILTIN = ("registration", "support_memory")
+_BUILTIN = ("registration", "support_memory", "proxy_prompt")
 
 
 def load_builtin_generators() -> None:

@@ -129,6 +129,24 @@ class SliceModel:
         the same feature cache as propagation (encoded once per target)."""
         raise InputError(f"model '{self.name}' offers no per-pixel features")
 
+    def other_pixel_features(self, frames, progress=None, cancel=None) -> PixelFeatures:
+        """`pixel_features` of a stack that is not the target (a reference case), leaving the target's cached
+        features in place (the next propagation does not re-encode the target)."""
+        kept = dict(self._feature_cache)
+        try:
+            return self.pixel_features(frames, progress=progress, cancel=cancel)
+        finally:
+            self._feature_cache.clear()
+            self._feature_cache.update(kept)
+
+    def decode_prompt_embeddings(self, features, frame_index: int, sparse_bt256, dense_b256hw=None):
+        """The frozen mask decoder on one frame of `features` (what `features(frames)` returned) for B prompts given
+        as torch tensors: sparse [B, T, 256], dense [B, 256, h, w] or None (the model's no-mask embedding) ->
+        (low-resolution logits [B, 1, 4h, 4w] on the pixel features' `grid.refined(4)`, IoU scores [B]). Differentiable
+        with respect to the prompt embeddings (the decoder's own weights never require grad): trained generators
+        learn through it, and inference decodes `PromptEmbedding`s through the same call."""
+        raise InputError(f"model '{self.name}' does not decode prompt embeddings")
+
     def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
         """Models with memory (capability `memory`) execute a PromptPlan themselves: label -> [N, H, W] float32
         foreground probability on the frames. Models without memory are driven slice by slice
