@@ -93,10 +93,12 @@ class SliceModel:
     device = "cpu"
     precision = "fp32"
     image_size = 1024
+    OTHER_STACKS = 4  # reference stacks whose per-pixel features `other_pixel_features` keeps
 
     def __init__(self) -> None:
         self.encoder_calls = 0  # slices sent through the image encoder (tests count re-use)
         self._feature_cache: Dict[str, object] = {}
+        self._other_features: Dict[str, PixelFeatures] = {}  # `other_pixel_features`, the last OTHER_STACKS
 
     def describe(self) -> str:
         text = f"{self.name} ({self.family}, {self.image_size} px, {self.device}, {self.precision})"
@@ -131,13 +133,22 @@ class SliceModel:
 
     def other_pixel_features(self, frames, progress=None, cancel=None) -> PixelFeatures:
         """`pixel_features` of a stack that is not the target (a reference case), leaving the target's cached
-        features in place (the next propagation does not re-encode the target)."""
+        features in place (the next propagation does not re-encode the target). The last `OTHER_STACKS` stacks are
+        kept: a re-run with the same reference encodes nothing."""
+        key = frames.fingerprint()
+        if key in self._other_features:
+            self._other_features[key] = self._other_features.pop(key)  # most recently used last
+            return self._other_features[key]
         kept = dict(self._feature_cache)
         try:
-            return self.pixel_features(frames, progress=progress, cancel=cancel)
+            features = self.pixel_features(frames, progress=progress, cancel=cancel)
         finally:
             self._feature_cache.clear()
             self._feature_cache.update(kept)
+        self._other_features[key] = features
+        while len(self._other_features) > self.OTHER_STACKS:
+            self._other_features.pop(next(iter(self._other_features)))
+        return features
 
     def decode_prompt_embeddings(self, features, frame_index: int, sparse_bt256, dense_b256hw=None):
         """The frozen mask decoder on one frame of `features` (what `features(frames)` returned) for B prompts given
