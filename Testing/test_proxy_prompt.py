@@ -241,7 +241,7 @@ def test_sam_v1_random_trains_and_segments_per_slice(small_cases):
     records = []
     path = train_generator("proxy-prompt", cases, model, [f for pair in files for f in pair],
                            output=small_cases / "sam_v1.pt",
-                           job=TrainingJob(options=TrainingOptions(max_masks=6, steps=2), log=records.append))
+                           job=TrainingJob(options=TrainingOptions(max_masks=4, steps=2), log=records.append))
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     reference = load_reference_case(small_cases / "patient011.nrrd", small_cases / "patient011_label.nrrd")
     target = read_image(small_cases / "patient019.nrrd")
@@ -260,7 +260,7 @@ def _train_args(folder, model, output, extra=()):
     return ["train", "--generator", "proxy-prompt", "--model", model,
             "--image", str(folder / "patient001.nrrd"), "--label", str(folder / "patient001_label.nrrd"),
             "--image", str(folder / "patient002.nrrd"), "--label", str(folder / "patient002_label.nrrd"),
-            "--max-masks", "6", "--output", str(output), "--quiet", "--json", *extra]
+            "--max-masks", "4", "--output", str(output), "--quiet", "--json", *extra]
 
 
 def _segment_args(folder, model, checkpoint, output):
@@ -270,41 +270,42 @@ def _segment_args(folder, model, checkpoint, output):
             "--generator-checkpoint", str(checkpoint), "--quiet", "--json"]
 
 
-@pytest.mark.parametrize("model, size", [("random", ["--image-size", "512"]), ("litemedsam", [])])
-def test_cli_train_resume_then_segment(small_cases, tmp_path, capsys, model, size):
+@pytest.mark.parametrize("model, size, resume", [("random", ["--image-size", "512"], True),
+                                                 ("litemedsam", [], False)])
+def test_cli_train_then_segment(small_cases, tmp_path, capsys, model, size, resume):
     from proxyprompt.cli import main
     from proxyprompt.volume import read_image, read_label
 
     checkpoint, log = tmp_path / "ppg.pt", tmp_path / "loss.jsonl"
     assert main(_train_args(small_cases, model, checkpoint, ["--steps", "2", "--log", str(log), *size])) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["model"] == model and summary["steps"] == 2 and summary["num_masks"] == 6
+    assert summary["model"] == model and summary["steps"] == 2 and summary["num_masks"] == 4
     assert summary["precision"] == "fp32"  # bf16 only on CUDA
-    resumed = tmp_path / "ppg_resumed.pt"
-    assert main(_train_args(small_cases, model, resumed, ["--steps", "3", "--log", str(log), "--resume",
-                                                          str(checkpoint), *size])) == 0
-    capsys.readouterr()
+    if resume:
+        resumed = tmp_path / "ppg_resumed.pt"
+        assert main(_train_args(small_cases, model, resumed, ["--steps", "3", "--log", str(log), "--resume",
+                                                              str(checkpoint), *size])) == 0
+        capsys.readouterr()
+        checkpoint = resumed
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3] and all("loss" in r for r in records)
+    assert [r["step"] for r in records] == ([1, 2, 3] if resume else [1, 2]) and all("loss" in r for r in records)
 
     output = tmp_path / "out.nii.gz"
-    assert main(_segment_args(small_cases, model, resumed, output) + size) == 0
+    assert main(_segment_args(small_cases, model, checkpoint, output) + size) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["generator"] == "proxy-prompt" and result["model"] == model
     label, _ = read_label(output)
     assert label.same_grid(read_image(small_cases / "patient019.nrrd"))
 
 
-def test_cli_refusals(small_cases, trained, tmp_path, capsys):
+def test_cli_train_refusals(small_cases, trained, tmp_path, capsys):
     from proxyprompt.cli import main
 
     path, _ = trained
-    output = tmp_path / "out.nii.gz"
-    assert main(_segment_args(small_cases, "litemedsam", path, output)) == 2
-    assert "was trained for model 'random' at 512 px" in capsys.readouterr().err and not output.exists()
-    assert main(_train_args(small_cases, "litemedsam", tmp_path / "x.pt", ["--generator", "registration"])) == 2
+    output = tmp_path / "x.pt"
+    assert main(_train_args(small_cases, "litemedsam", output, ["--generator", "registration"])) == 2
     assert "cannot be trained" in capsys.readouterr().err
-    assert main(_train_args(small_cases, "litemedsam", tmp_path / "x.pt", ["--resume", str(path)])) == 2
-    assert "was trained for model 'random'" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
-    assert main(_segment_args(small_cases, "random", tmp_path / "missing.pt", output) + ["--image-size", "512"]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert main(_train_args(small_cases, "litemedsam", output, ["--resume", str(path)])) == 2
+    assert "was trained for model 'random' at 512 px" in capsys.readouterr().err and not output.exists()
+    assert main(_train_args(small_cases, "litemedsam", output, ["--resume", str(tmp_path / "missing.pt")])) == 2
+    assert "not found" in capsys.readouterr().err and not output.exists()
