@@ -107,7 +107,7 @@ def _plan(**fields):
 
 
 def test_plan_field_a_model_cannot_execute_is_refused_or_dropped_when_optional():
-    no_memory = ModelCapabilities(boxes=True, masks=True, prior=True, frame_range=True)
+    no_memory = ModelCapabilities(boxes=True, masks=True, prior=True)
     points = {3: (np.array([[4.0, 5.0]]), np.array([1]))}
     with pytest.raises(InputError, match="plan field 'points'.*model 'litemedsam'"):
         check_plan(_plan(points=points), no_memory, "litemedsam", "probe")
@@ -120,10 +120,32 @@ def test_plan_field_a_model_cannot_execute_is_refused_or_dropped_when_optional()
                          support=[SupportSlice(np.zeros((4, 4), np.float32), {1: np.ones((4, 4), bool)}, 0.5, 0)])
     with pytest.raises(InputError, match="plan field 'support'"):
         check_plan(support, no_memory, "litemedsam", "probe")
-    memory = ModelCapabilities(memory=True, boxes=True, masks=True, points=True, frame_range=True)
+    memory = ModelCapabilities(memory=True, boxes=True, masks=True, points=True)
     prior = _plan(prior=np.zeros((2, 4, 4), np.float32), boxes={0: np.array([0, 0, 2, 2])})
     with pytest.raises(InputError, match="plan field 'prior'.*model 'sam2.1_hiera_tiny'"):
         check_plan(prior, memory, "sam2.1_hiera_tiny", "probe")
+    # per-frame support attention needs its own capability; optional, it is dropped (every support attended)
+    support.support_attention = {0: (0,)}
+    with pytest.raises(InputError, match="plan field 'support_attention'.*model 'memory-without-selection'"):
+        check_plan(support, memory, "memory-without-selection", "probe")
+    support.optional_fields = ("support_attention",)
+    assert check_plan(support, memory, "memory-without-selection", "probe").support_attention is None
+    selecting = ModelCapabilities(memory=True, support_attention=True, masks=True)
+    support.support_attention = {0: (0,)}
+    assert check_plan(support, selecting, "sam2.1_hiera_tiny", "probe").support_attention == {0: (0,)}
+
+
+def test_support_attention_and_frame_ranges_are_chosen_on_the_generator_side():
+    from proxyprompt.contract import Corrections
+    from proxyprompt.generators.propagation import clip_to_frame_ranges, top_k_support
+
+    similarity = np.array([[0.1, 0.9, 0.5, 0.9], [0.3, 0.2, 0.1, 0.0]])
+    assert top_k_support(similarity, 2) == {0: (1, 3), 1: (0, 1)}  # a tie goes to the lower index
+    assert top_k_support(similarity, 4) is None and top_k_support(similarity, 0) is None  # nothing to choose
+    results = {1: np.ones((5, 2, 2), np.float32), 2: np.ones((5, 2, 2), np.float32)}
+    plan = PromptPlan(objects={1: ObjectPrompt(1, frame_range=(1, 2)), 2: ObjectPrompt(2)})
+    clip_to_frame_ranges(results, plan, Corrections(np.zeros((5, 2, 2), np.uint8), [4]))
+    assert results[1][:, 0, 0].tolist() == [0, 1, 1, 0, 1] and results[2].min() == 1  # corrected slice 4 kept
 
 
 def test_prompt_embedding_shapes_are_checked():

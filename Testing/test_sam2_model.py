@@ -135,6 +135,27 @@ def mask_plan(labels, frame=2, values=(3,)):
                       start_frame=frame)
 
 
+def test_model_attends_the_support_slices_the_plan_names(engine, five):
+    """The per-frame choice of support slices is the plan's (`support_attention`): the model attends exactly those
+    (+ the target's own conditioning frames) and refuses indices the plan does not have."""
+    from proxyprompt.contract import SupportSlice
+    from proxyprompt.errors import InputError
+
+    frames, labels = five
+    model = engine.model
+    support = [SupportSlice(frames.images[i], {3: labels[i] == 3}, i / 4, i) for i in (1, 3)]
+    attention = {f: (f % 2,) for f in range(5)}
+    plan = PromptPlan(objects={3: ObjectPrompt(label=3, masks={2: labels[2] == 3})}, support=support,
+                      support_attention=attention, start_frame=2)
+    seen = []
+    model.propagate(frames, plan, progress=lambda event: seen.append(model.predictor._active_selection))
+    offset = len(support)
+    assert seen and seen[-1] == {offset + f: {f % 2, offset + 2} for f in range(5)}
+    plan.support_attention = {0: (2,)}
+    with pytest.raises(InputError, match="support_attention of target slice 0"):
+        model.propagate(frames, plan)
+
+
 def test_incremental_rerun_tracks_only_downstream_frames(engine, five):
     """Start frame 2 of 0..4: a correction on 3 re-tracks 3 (its exact mask) and 4 only; a later one on 1
     re-tracks 1 and 0 only (reverse side); every other frame is bit-identical to the previous run."""

@@ -84,7 +84,15 @@ def test_plan_for_sam2_uses_annotated_reference_slices(acdc):
     reference, target = acdc
     plan, frames = plan_for(reference, target, "sam2", {"attention_top_k": 3})
     annotated = np.flatnonzero(reference.label.array.reshape(reference.label.array.shape[0], -1).any(axis=1))
-    assert plan.support_top_k == 3 and 0 < len(plan.support) <= 12
+    assert 3 < len(plan.support) <= 12
+    # each target slice attends its 3 most similar support slices (cosine of the model's embeddings), chosen by
+    # the generator: the model only executes `support_attention`
+    model = FakeModel("sam2")
+    cosine = model.slice_embeddings(frames) @ model.embed_slices(np.stack([s.image for s in plan.support])).T
+    assert sorted(plan.support_attention) == list(range(frames.num_slices))
+    for frame, chosen in plan.support_attention.items():
+        assert len(set(chosen)) == 3
+        assert cosine[frame, list(chosen)].min() >= np.delete(cosine[frame], list(chosen)).max()
     assert {s.source_index for s in plan.support} <= set(int(n) for n in annotated)
     for s in plan.support:
         assert s.image.shape == (frames.height, frames.width) and s.image.dtype == np.float32

@@ -81,7 +81,9 @@ class ObjectPrompt:
     boxes: Dict[int, np.ndarray] = field(default_factory=dict)  # frame -> [x0, y0, x1, y1] pixels
     points: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # frame -> ([P, 2] xy, [P] 1/0)
     prior: Optional[np.ndarray] = None  # [N, H, W] float32 in [0, 1]: soft prior over all frames
-    frame_range: Optional[Tuple[int, int]] = None  # first..last frame (inclusive) where it is expected
+    # first..last frame (inclusive) where it is expected; the propagation side (generators/propagation.py) bounds
+    # the output to it for every model, so it needs no capability
+    frame_range: Optional[Tuple[int, int]] = None
     embeddings: Dict[int, PromptEmbedding] = field(default_factory=dict)  # frame -> prompt embeddings
 
 
@@ -98,11 +100,15 @@ class SupportSlice:
 @dataclass(eq=False)
 class PromptPlan:
     """What a model executes. `optional_fields`: plan fields (names of `PLAN_FIELDS`) the generator can do without;
-    a model that cannot execute one drops it with a note instead of refusing the plan."""
+    a model that cannot execute one drops it with a note instead of refusing the plan.
+
+    `support_attention`: target frame -> indices into `support` of the support slices that frame attends as
+    conditioning memory (the frame also attends every conditioning frame of the target itself: prompts,
+    corrections); None: every support slice. Generators choose it (`generators.propagation.top_k_support`)."""
 
     objects: Dict[int, ObjectPrompt]
     support: List[SupportSlice] = field(default_factory=list)
-    support_top_k: int = 4
+    support_attention: Optional[Dict[int, Tuple[int, ...]]] = None
     start_frame: Optional[int] = None
     notes: List[str] = field(default_factory=list)
     optional_fields: Tuple[str, ...] = ()
@@ -119,19 +125,20 @@ class ModelCapabilities:
     """What a model executes of a plan, and what it offers generators.
 
     memory: propagates with memory through the frames (SAM 2's video predictor): executes `support` (reference slices
-    as conditioning memory) and `start_frame`; boxes / points / masks / prior / embeddings: executes those per-object
-    plan fields; frame_range: clips each structure to it; pixel_features: offers `pixel_features(frames)`;
+    as conditioning memory) and `start_frame`; support_attention: restricts each target frame's conditioning memory
+    to the support slices the plan names; boxes / points / masks / prior / embeddings: executes those per-object
+    plan fields; pixel_features: offers `pixel_features(frames)`;
     slice_embeddings: offers pooled embeddings of target frames and of arbitrary slices (`slice_embeddings`,
     `embed_slices`); feature_grid: (h, w) of its per-pixel features / dense prompt embeddings.
     """
 
     memory: bool = False
+    support_attention: bool = False
     boxes: bool = False
     points: bool = False
     masks: bool = False
     prior: bool = False
     embeddings: bool = False
-    frame_range: bool = False
     pixel_features: bool = False
     slice_embeddings: bool = False
     feature_grid: Optional[Tuple[int, int]] = None
@@ -141,12 +148,12 @@ class ModelCapabilities:
 PLAN_FIELDS = {
     "support": "memory",
     "start_frame": "memory",
+    "support_attention": "support_attention",
     "masks": "masks",
     "boxes": "boxes",
     "points": "points",
     "prior": "prior",
     "embeddings": "embeddings",
-    "frame_range": "frame_range",
 }
 
 
@@ -157,14 +164,14 @@ def used_plan_fields(plan: PromptPlan) -> List[str]:
         used.add("support")
     if plan.start_frame is not None:
         used.add("start_frame")
+    if plan.support_attention is not None:
+        used.add("support_attention")
     for prompt in plan.objects.values():
         for name in ("masks", "boxes", "points", "embeddings"):
             if getattr(prompt, name):
                 used.add(name)
         if prompt.prior is not None:
             used.add("prior")
-        if prompt.frame_range is not None:
-            used.add("frame_range")
     return [name for name in PLAN_FIELDS if name in used]
 
 
@@ -174,9 +181,11 @@ def drop_plan_field(plan: PromptPlan, name: str) -> None:
         plan.support = []
     elif name == "start_frame":
         plan.start_frame = None
+    elif name == "support_attention":
+        plan.support_attention = None
     else:
         for prompt in plan.objects.values():
-            empty = None if name in ("prior", "frame_range") else {}
+            empty = None if name == "prior" else {}
             setattr(prompt, name, empty)
 
 

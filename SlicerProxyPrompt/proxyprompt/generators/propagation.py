@@ -2,7 +2,10 @@
 
 Strategy, not model: it drives one model call, `model.predict_slice(frame, box, mask_prior, frames=, embedding=)
 -> (probability [H, W], IoU score)`; a model with memory (SAM 2's video predictor, capability `memory`) executes a
-plan itself (`model.propagate`). `execute_plan` picks the one or the other by the model's capabilities.
+plan itself (`model.propagate`). `execute_plan` picks the one or the other by the model's capabilities, and bounds a
+memory model's output to each structure's `frame_range` (`clip_to_frame_ranges`; slice by slice, the range bounds the
+propagation itself). `top_k_support` is the per-frame choice of support slices a memory model attends
+(`PromptPlan.support_attention`).
 
 The rules (measured on ACDC with LiteMedSAM; docs/benchmarks.md, the report of issue 3):
 * slices with exact masks (user corrections, conditioning masks of the plan) are seeds, copied as is; slices
@@ -398,10 +401,38 @@ class SliceBySlicePropagation:
                          np.clip(box[2], 0, width - 1), np.clip(box[3], 0, height - 1)], dtype=np.float32)
 
 
+def top_k_support(similarity_ns: np.ndarray, top_k: int) -> Optional[Dict[int, Tuple[int, ...]]]:
+    """`PromptPlan.support_attention` from a [N target frames, S support slices] similarity (e.g. cosine of the
+    model's pooled slice embeddings): each frame attends its `top_k` most similar support slices (ties -> lower
+    index). None (attend all) when there is nothing to choose: no more support slices than `top_k`."""
+    similarity = np.asarray(similarity_ns)
+    if top_k is None or top_k <= 0 or similarity.shape[1] <= top_k:
+        return None
+    order = np.argsort(-similarity, axis=1, kind="stable")[:, :top_k]
+    return {frame: tuple(int(s) for s in order[frame]) for frame in range(similarity.shape[0])}
+
+
+def clip_to_frame_ranges(results: Dict[int, np.ndarray], plan, corrections=None) -> Dict[int, np.ndarray]:
+    """Zero each structure's probability outside its `frame_range` (in place), except on corrected frames."""
+    corrected = list(corrections.frames) if corrections is not None else []
+    for value, probability in results.items():
+        prompt = plan.objects.get(value)
+        if prompt is None or prompt.frame_range is None:
+            continue
+        count = probability.shape[0]
+        first, last = max(int(prompt.frame_range[0]), 0), min(int(prompt.frame_range[1]), count - 1)
+        outside = np.ones(count, bool)
+        outside[first : last + 1] = False
+        outside[corrected] = False
+        probability[outside] = 0.0
+    return results
+
+
 def execute_plan(model, frames, plan, corrections=None, progress=None, cancel=None,
                  strategy: Optional[SliceBySlicePropagation] = None) -> Dict[int, np.ndarray]:
-    """A plan over the frames: a model with memory propagates it itself, any other model slice by slice.
-    Returns label -> [N, H, W] float32 probability."""
+    """A plan over the frames: a model with memory propagates it itself (bounded to the frame ranges here), any
+    other model slice by slice. Returns label -> [N, H, W] float32 probability."""
     if model.capabilities.memory:
-        return model.propagate(frames, plan, corrections, progress=progress, cancel=cancel)
+        results = model.propagate(frames, plan, corrections, progress=progress, cancel=cancel)
+        return clip_to_frame_ranges(results, plan, corrections)
     return (strategy or SliceBySlicePropagation()).propagate(model, frames, plan, corrections, progress, cancel)

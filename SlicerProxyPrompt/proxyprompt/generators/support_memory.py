@@ -3,8 +3,9 @@
 The training-free form of SAM2-SGP's pseudo-mask generation (FS-MedSAM2 / APDM style, REFERENCES §1.5,
 §3.4): every reference slice that carries annotation, windowed with the same rule as the target and
 resampled in-plane to the target's pixel spacing and size, is a `SupportSlice` with its per-label masks.
-The SAM 2 model puts them in front of the target's slices as conditioning frames and, for each target
-slice, attends only the `top_k` most similar ones (cosine of pooled image embeddings; k = 4 as in SGP).
+The SAM 2 model puts them in front of the target's slices as conditioning frames; for each target slice the
+plan names the `top_k` most similar ones (cosine of the model's pooled slice embeddings; k = 4 as in SGP), and only
+those are attended (`PromptPlan.support_attention`, chosen by `propagation.top_k_support`).
 
 Propagation starts at the target slice that best matches an annotated reference slice (embedding cosine,
 penalised by the difference in relative z-position) and runs both ways. Each structure's `frame_range` is
@@ -50,6 +51,7 @@ from ..options import REGISTRATION_METHODS, Options, option
 from ..progress import check_cancel, report
 from ..frames import SliceStack, bounding_box, make_slice_stack
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, SupportSlice, register_generator
+from .propagation import top_k_support
 
 log = logging.getLogger("proxyprompt")
 
@@ -352,7 +354,7 @@ class SupportMemoryGenerator(Generator):
                 prompt.frame_range = (max(lo, 0), min(hi, count - 1))
             objects[value] = prompt
 
-        plan = PromptPlan(objects=objects, support_top_k=top_k, start_frame=int(best_frame))
+        plan = PromptPlan(objects=objects, start_frame=int(best_frame))
         if not capabilities.memory:
             # no memory: reference slices, aligned in 2D onto their best-matching target slices, give the
             # conditioning slices' masks and boxes; the model propagates slice by slice from them
@@ -379,6 +381,7 @@ class SupportMemoryGenerator(Generator):
                     for frame, index, alignment, _ in chosen))
         else:
             plan.support = support
+            plan.support_attention = top_k_support(cosine, top_k)
             plan.notes.append(
                 f"support-memory: {len(support)} reference slice(s) as conditioning memory, top-{top_k} per "
                 f"target slice ({similarity_source}); start at target slice {best_frame} "

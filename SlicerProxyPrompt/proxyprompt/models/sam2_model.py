@@ -12,8 +12,8 @@ What differs from the stock `SAM2VideoPredictor` workflow (JPEG folder, one obje
   decoding only).
 * The video is [support slices] + [target slices]; every label of the plan is one object of the same run.
   Each support slice is a conditioning frame (`add_new_mask` with its reference mask, SGP / FS-MedSAM2
-  style); for each target frame only the `plan.support_top_k` support slices most similar to it (cosine of
-  pooled image embeddings) are attended (see `_InMemoryVideoPredictor._prepare_memory_conditioned_features`).
+  style); each target frame attends only the support slices `plan.support_attention` names for it (the
+  generator's choice, e.g. the top-k most similar; see `_InMemoryVideoPredictor._prepare_memory_conditioned_features`).
 * Objects are tracked as ONE batch per frame (`Sam2Model._track_frame`): sam2 1.1.0 runs every object
   separately (batch 1) through memory attention, mask decoder and memory encoder; we run the objects whose
   memories lie on the same frames together (batch = objects, image features shared), as SAM 2 did before
@@ -212,8 +212,8 @@ def _make_predictor_class():
             temporal slot 0), and an unselected conditioning frame that happens to lie among the last 6
             frames in the tracking direction is used as an ordinary memory. When `cond_selection` is set
             (by `Sam2Model.propagate`), the frame being tracked sees a *view* of the output dict whose
-            conditioning outputs are restricted to `cond_selection[frame_idx]` = its top-k most similar
-            support slices plus every conditioning frame of the target itself (prompts, corrections).
+            conditioning outputs are restricted to `cond_selection[frame_idx]` = the support slices the plan
+            names for it plus every conditioning frame of the target itself (prompts, corrections).
             The non-conditioning memories (the previous 6 tracked target frames) and the object-pointer
             rules are sam2's own; removed supports cannot leak back in as "recent" memories because the
             view does not contain them at all. Nothing is copied (the view shares the stored outputs).
@@ -345,7 +345,7 @@ class Sam2Model(SliceModel):
         side = self.image_size // 16
         # memory (the video predictor: support slices, start frame); no soft prior input
         self.capabilities = ModelCapabilities(
-            memory=True, boxes=True, points=True, masks=True, prior=False, embeddings=True, frame_range=True,
+            memory=True, support_attention=True, boxes=True, points=True, masks=True, prior=False, embeddings=True,
             pixel_features=True, slice_embeddings=True, feature_grid=(side, side))
 
     # ---------------------------------------------------------------- helpers
@@ -547,8 +547,7 @@ class Sam2Model(SliceModel):
         corrected_masks = {f: np.array(corrections.labels[f], copy=True) for f in sorted(corrected)}
         new_frames = _Incremental.new_corrections(previous, key, active, corrected_masks)
         # which conditioning frames each target frame attends (recomputed: new corrections are conditioning)
-        selection = self._cond_selection(support_features, target_features, offset, count, target_cond_frames,
-                                         plan.support_top_k)
+        selection = self._cond_selection(plan.support_attention, offset, count, target_cond_frames)
         with self._forward_mode():
             if new_frames is None:
                 start = self._start_frame(plan, target_cond_frames, count)
@@ -598,14 +597,6 @@ class Sam2Model(SliceModel):
                 predictor._active_selection = None
                 predictor._memory_floor = None
             self._collect(state, offset, count, height, width, results)
-        for value in labels:  # the structure's plausible slice range (from the generator), if any
-            frame_range = plan.objects[value].frame_range
-            if frame_range is not None:
-                first, last = max(int(frame_range[0]), 0), min(int(frame_range[1]), count - 1)
-                outside = np.ones(count, bool)
-                outside[first : last + 1] = False
-                outside[list(corrected)] = False
-                results[value][outside] = 0.0
         self._incremental = _Incremental(key, tuple(state["obj_ids"]), start, corrected_masks, state)
         self._last_run = {"support_frames": offset, "objects": list(state["obj_ids"]),
                           "encoder_misses": state.get("encoder_misses", 0), "incremental": new_frames is not None,
@@ -753,18 +744,20 @@ class Sam2Model(SliceModel):
         return 0
 
     @staticmethod
-    def _cond_selection(support_features, target_features, offset, count, target_cond_frames, top_k):
-        """video frame -> the set of conditioning video frames it attends: its `top_k` most similar
-        support slices (cosine of pooled embeddings; ties -> lower index) + every target conditioning
-        frame. None when there is nothing to choose (no more supports than top_k)."""
-        if support_features is None or top_k is None or top_k <= 0 or offset <= top_k:
+    def _cond_selection(support_attention, offset, count, target_cond_frames):
+        """video frame -> the set of conditioning video frames it attends: the support slices (video frames
+        0..offset-1) `plan.support_attention` names for its target frame + every target conditioning frame.
+        None when the plan names none (every frame attends every conditioning frame: sam2's own rule)."""
+        if support_attention is None or offset == 0:
             return None
-        similarity = target_features.embeddings @ support_features.embeddings.T  # [N, S]
         targets = {offset + f for f in target_cond_frames}
         selection = {}
-        for frame in range(count):
-            order = np.argsort(-similarity[frame], kind="stable")[:top_k]
-            selection[offset + frame] = {int(s) for s in order} | targets
+        for frame, supports in support_attention.items():
+            frame = int(frame)
+            if not 0 <= frame < count or any(not 0 <= int(s) < offset for s in supports):
+                raise InputError(f"support_attention of target slice {frame} names {sorted(supports)}: the target "
+                                 f"has {count} slices and the plan {offset} support slice(s)")
+            selection[offset + frame] = {int(s) for s in supports} | targets
         return selection
 
 
@@ -818,10 +811,13 @@ def _plan_fingerprint(plan, support_images: Optional[np.ndarray], image_size: in
             else:
                 digest.update(repr(part).encode())
 
-    add(image_size, plan.labels, plan.support_top_k, plan.start_frame)
+    add(image_size, plan.labels, plan.start_frame)
+    if plan.support_attention is not None:
+        add("attention", sorted((int(f), tuple(int(s) for s in supports))
+                                for f, supports in plan.support_attention.items()))
     for value in plan.labels:
         prompt = plan.objects[value]
-        add("object", value, prompt.frame_range)
+        add("object", value)
         for frame in sorted(prompt.masks or {}):
             add("mask", int(frame), np.asarray(prompt.masks[frame], dtype=bool))
         for frame in sorted(prompt.boxes or {}):

@@ -100,7 +100,7 @@ class SamFamilyModel(SliceModel):
         grid = tuple(int(v) for v in self.net.prompt_encoder.image_embedding_size)
         # no memory, no points (the decoder is prompted by a box / mask / embeddings per slice); a prior is read
         self.capabilities = ModelCapabilities(
-            memory=False, boxes=True, points=False, masks=True, prior=True, embeddings=True, frame_range=True,
+            memory=False, boxes=True, points=False, masks=True, prior=True, embeddings=True,
             pixel_features=True, slice_embeddings=False, feature_grid=grid)
 
     # --- building -------------------------------------------------------------------------------
