@@ -244,7 +244,7 @@ class ProxyPromptGenerator(Generator):
             stack = make_slice_stack(reference.image)
             labels = stack.labels(reference.label)
             holding = np.flatnonzero(np.isin(labels, context.labels).reshape(labels.shape[0], -1).any(axis=1))
-            if reference.annotated_slices is not None and stack.axis == 0:
+            if reference.annotated_slices is not None:  # a sparse reference: only its annotated slices are known
                 holding = np.array([n for n in holding if n in set(reference.annotated_slices)], dtype=int)
             if holding.size == 0:
                 continue
