@@ -32,7 +32,9 @@ from .checkpoints import TrainedWeights, TrainingJob, find_generator_checkpoint,
 
 log = logging.getLogger("proxyprompt")
 
-DEFAULT_STEPS = 300  # measured: the default finishes on a 2-core CPU in < 15 min for 16 masks with litemedsam
+# 16 ACDC masks with litemedsam, 1 torch thread: 434 s of CPU time in all (encoding included), 29 min wall on the
+# shared 2-core machine at load 9-14 (docs/benchmarks.md, "proxy-prompt"); idle, the wall time is about the CPU time
+DEFAULT_STEPS = 300
 EPISODES_PER_STEP = 1
 LEARNING_RATE = 1e-3
 RING_CELLS = 3  # background ring: the structure's mask dilated by this many feature cells, minus the structure
