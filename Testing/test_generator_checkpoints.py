@@ -69,7 +69,7 @@ class _ToyTrained(Generator):
     needs_training = True
     Options = _ScaleOptions
 
-    def train(self, references, model, options, progress=None, cancel=None):
+    def train(self, references, model, options, progress=None, cancel=None, job=None):
         labels = sorted({int(v) for r in references for v in np.unique(r.label.array) if v})
         return checkpoints.TrainedWeights({"scale": torch.full((len(labels),), options.scale)}, num_masks=len(labels))
 

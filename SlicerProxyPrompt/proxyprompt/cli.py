@@ -1,4 +1,4 @@
-"""`proxyprompt` command line: segment, evaluate, models, download, clear-cache, serve, demo.
+"""`proxyprompt` command line: segment, train, evaluate, models, download, clear-cache, serve, demo.
 
 Exit codes (docs/reliability.md): 0 success; 2 bad input (one-line reason on stderr, no output file, inputs
 untouched); 1 the environment failed (disk full, I/O error; one line) or an internal error (one line naming the
@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    tr = commands.add_parser("train", help="train a generator's own weights (e.g. proxy-prompt) on annotated cases")
+    tr.add_argument("--generator", required=True, help="a trainable generator (e.g. proxy-prompt)")
+    tr.add_argument("--image", action="append", required=True, metavar="I", help="training image (repeat)")
+    tr.add_argument("--label", action="append", required=True, metavar="L", help="its label map, one per --image")
+    tr.add_argument("--label-table", help="JSON or Slicer colour table with label names and colours")
+    tr.add_argument("--model", default="auto", help="the model whose features the generator learns to prompt")
+    tr.add_argument("--checkpoint", help="model checkpoint file (overrides the registry)")
+    tr.add_argument("--output", metavar="CKPT",
+                    help="checkpoint to write (default: the generator's registered checkpoint for the model)")
+    tr.add_argument("--log", metavar="FILE", help='JSON-lines loss log, one {"step": ..., "loss": ...} per line')
+    tr.add_argument("--resume", metavar="CKPT", help="continue training from this checkpoint")
+    add_training_flags(tr)
+    tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
     ev = commands.add_parser("evaluate", help="Dice, HD95 and volume difference against ground truth")
     ev.add_argument("--prediction", required=True)
     ev.add_argument("--truth", required=True)
@@ -126,6 +141,19 @@ def add_option_flags(parser) -> None:
         parser.add_argument(flag, *FLAG_ALIASES.get(kwargs["dest"], ()), **kwargs)
 
 
+def add_training_flags(parser) -> None:
+    """`train`'s option flags: the training options, the model's engine options and every generator's options."""
+    from .options import EngineOptions, TrainingOptions, cli_arguments, merged_cli_arguments
+
+    for flag, kwargs in cli_arguments(TrainingOptions):
+        parser.add_argument(flag, **kwargs)
+    for flag, kwargs in cli_arguments(EngineOptions):
+        if kwargs["dest"] in EngineOptions.MODEL_FIELDS:
+            parser.add_argument(flag, **kwargs)
+    for flag, kwargs in merged_cli_arguments(generator_option_classes()).items():
+        parser.add_argument(flag, **dict(kwargs, help=kwargs["help"] + " (generator option)"))
+
+
 # --- commands -----------------------------------------------------------------------------------
 def request_from_args(args) -> "SegmentRequest":
     from .options import EngineOptions
@@ -150,6 +178,26 @@ def run_segment(args) -> dict:
     progress = TqdmProgress(enabled=not args.quiet)
     try:
         return EngineSession().segment(request_from_args(args), progress=progress)
+    finally:
+        progress.close()
+
+
+def run_train(args) -> dict:
+    from .options import EngineOptions, TrainingOptions
+    from .progress import TqdmProgress
+    from .training import TrainRequest, train
+
+    generator_fields = {name for cls in generator_option_classes() for name in cls.names()}
+    request = TrainRequest(
+        generator=args.generator, images=list(args.image), labels=list(args.label), model=args.model,
+        output=args.output, checkpoint=args.checkpoint, label_table=args.label_table, log=args.log,
+        resume=args.resume,
+        generator_options={name: getattr(args, name) for name in sorted(generator_fields) if hasattr(args, name)},
+        **{name: getattr(args, name) for name in (*TrainingOptions.names(), *EngineOptions.MODEL_FIELDS)},
+    )
+    progress = TqdmProgress(enabled=not args.quiet)
+    try:
+        return train(request, progress=progress)
     finally:
         progress.close()
 
@@ -206,6 +254,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 log.info("wrote %s (%s, model %s, %d slices, %.1f s)", summary["output"], summary["generator"],
                          summary["model"], summary["slices"], summary["seconds"]["total"])
+        elif args.command == "train":
+            summary = run_train(args)
+            if args.json:
+                print(json.dumps(summary))
+            else:
+                log.info("wrote %s (%s for %s, %d masks, %s steps, final loss %s, %.1f s)", summary["output"],
+                         summary["generator"], summary["model"], summary["num_masks"], summary["steps"],
+                         summary["final_loss"], summary["seconds"])
         elif args.command == "evaluate":
             report = run_evaluate(args)
             from .metrics import format_evaluation

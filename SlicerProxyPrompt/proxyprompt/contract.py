@@ -259,6 +259,14 @@ class FeatureGrid:
         j = int(np.clip(np.floor((col + 0.5) / self.cell_size[1]), 0, self.shape[1] - 1))
         return i, j
 
+    def refined(self, factor: int) -> "FeatureGrid":
+        """The same extent in cells `factor` times smaller (e.g. the mask decoder's low-resolution logits, 4 x the
+        feature grid)."""
+        factor = int(factor)
+        return FeatureGrid((self.shape[0] * factor, self.shape[1] * factor),
+                           (self.cell_size[0] / factor, self.cell_size[1] / factor),
+                           (self.valid[0] * factor, self.valid[1] * factor), self.frame_shape)
+
     def mask_to_grid(self, mask_hw: np.ndarray) -> np.ndarray:
         """[h, w] float32: the fraction of each cell covered by a frame mask [H, W] (0 on padding cells)."""
         mask = np.asarray(mask_hw, dtype=np.float32)

@@ -100,6 +100,16 @@ class EngineOptions(Options):
     MODEL_FIELDS = ("device", "precision", "image_size")  # fixed once the Engine's model is built
 
 
+@dataclass(frozen=True)
+class TrainingOptions(Options):
+    """How a trainable generator is trained (`proxyprompt train`; the same for every trained generator)."""
+
+    max_masks: int = option(16, "most annotated slices (masks) taken from the training cases", int, minimum=1)
+    steps: Optional[int] = option(None, "optimisation steps in all (default: the generator's own; with --resume, "
+                                        "training continues up to this count)", int, minimum=1)
+    seed: int = option(0, "random seed of the training episodes and initial weights", int, minimum=0)
+
+
 def default_fusion_top_k(top_k: Optional[int], references: int) -> Optional[int]:
     """Fuse the 3 references whose warped labels agree best when more than 3 are given (docs/benchmarks.md:
     ACDC ED, best 3 of 19 references 0.788 vs 0.615 for one)."""

@@ -53,7 +53,7 @@ def check_cancel(cancel) -> None:
 class TqdmProgress:
     """A progress callback that draws one tqdm bar per phase on stderr (the CLI's view of the events)."""
 
-    UNITS = {"register": "%", "align": "step", "read": "file", "write": "file"}
+    UNITS = {"register": "%", "align": "step", "read": "file", "write": "file", "train": "step"}
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled

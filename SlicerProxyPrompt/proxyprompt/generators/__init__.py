@@ -15,7 +15,7 @@ from .base import (  # noqa: F401
     register_generator,
 )
 
-_BUILTIN = ("registration", "support_memory", "warp")
+_BUILTIN = ("registration", "support_memory", "warp", "proxy_prompt")
 
 
 def load_builtin_generators() -> None:

@@ -60,10 +60,12 @@ class Generator:
     def plan(self, context: GeneratorContext) -> PromptPlan:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def train(self, references: List[ReferenceCase], model, options, progress=None, cancel=None):
+    def train(self, references: List[ReferenceCase], model, options, progress=None, cancel=None, job=None):
         """Trainable generators (`needs_training = True`): fit their own weights on the references with the
-        model's features and return `checkpoints.TrainedWeights`; `checkpoints.train_generator` writes the file."""
-        raise InputError(f"generator '{self.name}' has no trained weights")
+        model's features and return `checkpoints.TrainedWeights`; `checkpoints.train_generator` writes the file.
+        `job` (`checkpoints.TrainingJob`): training options (max masks, steps, seed), resume tensors, step log,
+        precision."""
+        raise InputError(f"generator '{self.name}' has no trained weights: it cannot be trained")
 
     def refine(self, plan: PromptPlan, probabilities: Dict[int, np.ndarray],
                context: GeneratorContext) -> Optional[PromptPlan]:

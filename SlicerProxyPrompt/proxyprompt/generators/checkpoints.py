@@ -14,11 +14,12 @@ looks, so a `proxyprompt train --generator NAME` command is one call for every t
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import InputError
+from ..options import TrainingOptions
 
 FORMAT = "proxyprompt-generator-checkpoint"
 VERSION = 1
@@ -30,7 +31,7 @@ class GeneratorCheckpointMeta:
     model: str  # registry name of the model whose features it was trained on
     image_size: int  # that model's input size
     label_names: Dict[int, str]  # label value -> name it was trained for
-    num_masks: int  # masks (objects) the trained part predicts
+    num_masks: int  # annotated slices (masks) it was trained on
     training_data_sha256: str  # `training_data_hash` of the training files
 
     def to_dict(self) -> dict:
@@ -46,6 +47,19 @@ class GeneratorCheckpointMeta:
                        num_masks=int(data["num_masks"]), training_data_sha256=str(data["training_data_sha256"]))
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"generator checkpoint metadata is incomplete or malformed ({error})") from None
+
+
+@dataclass(eq=False)
+class TrainingJob:
+    """How to train, the same for every trainable generator (`proxyprompt train`): the typed training options,
+    the tensors of a checkpoint to continue from (`--resume`, already checked to be this generator's for this model),
+    where each step's record goes (`{"step": ..., "loss": ...}`, the JSON-lines log) and the autocast precision of the
+    training passes (bf16 on CUDA)."""
+
+    options: TrainingOptions = field(default_factory=TrainingOptions)
+    resume: Optional[Dict[str, object]] = None
+    log: Optional[Callable[[dict], None]] = None
+    precision: str = "fp32"
 
 
 @dataclass(eq=False)
@@ -151,10 +165,10 @@ def list_generator_checkpoints() -> List[dict]:
 
 
 def train_generator(generator_name: str, references, model, training_files: Sequence, options=None,
-                    output=None, progress=None, cancel=None) -> Path:
+                    output=None, progress=None, cancel=None, job: Optional[TrainingJob] = None) -> Path:
     """Train a generator's own weights on `references` (ReferenceCase list) with `model`'s features and write its
     checkpoint (default: where `find_generator_checkpoint` looks). `training_files`: the files the references came
-    from (hashed into the metadata)."""
+    from (hashed into the metadata); `job`: training options, resume state, step log, precision."""
     from .base import get_generator
 
     generator = get_generator(generator_name)
@@ -162,7 +176,8 @@ def train_generator(generator_name: str, references, model, training_files: Sequ
         raise InputError(f"generator '{generator_name}' has no trained weights")
     if model is None:
         raise InputError(f"training generator '{generator_name}' needs a model (its weights read the model's features)")
-    trained = generator.train(list(references), model, generator.Options.parse(options), progress, cancel)
+    trained = generator.train(list(references), model, generator.Options.parse(options), progress, cancel,
+                              job or TrainingJob())
     label_names = {}
     for reference in references:
         for value, info in reference.table.items():

@@ -95,11 +95,13 @@ class SliceModel:
     precision = "fp32"
     image_size = 1024
     FEATURE_CACHE_ENTRIES = 1  # stacks whose features are kept (one target at a time: memory stays bounded)
+    OTHER_STACKS = 4  # reference stacks whose per-pixel features `other_pixel_features` keeps
 
     def __init__(self) -> None:
         self.encoder_calls = 0  # slices sent through the image encoder (tests count re-use)
         self.encode_seconds = 0.0  # wall time spent in the image encoder (the engine's per-phase profile)
         self._feature_cache: Dict[str, object] = {}
+        self._other_features: Dict[str, PixelFeatures] = {}  # `other_pixel_features`, the last OTHER_STACKS
 
     def describe(self) -> str:
         text = f"{self.name} ({self.family}, {self.image_size} px, {self.device}, {self.precision})"
@@ -140,6 +142,33 @@ class SliceModel:
         """Per-pixel image features [N, C, h, w] of the frames with their grid (capability `pixel_features`), from
         the same feature cache as propagation (encoded once per target)."""
         raise InputError(f"model '{self.name}' offers no per-pixel features")
+
+    def other_pixel_features(self, frames, progress=None, cancel=None) -> PixelFeatures:
+        """`pixel_features` of a stack that is not the target (a reference case), leaving the target's cached
+        features in place (the next propagation does not re-encode the target). The last `OTHER_STACKS` stacks are
+        kept: a re-run with the same reference encodes nothing."""
+        key = frames.fingerprint()
+        if key in self._other_features:
+            self._other_features[key] = self._other_features.pop(key)  # most recently used last
+            return self._other_features[key]
+        kept = dict(self._feature_cache)
+        try:
+            features = self.pixel_features(frames, progress=progress, cancel=cancel)
+        finally:
+            self._feature_cache.clear()
+            self._feature_cache.update(kept)
+        self._other_features[key] = features
+        while len(self._other_features) > self.OTHER_STACKS:
+            self._other_features.pop(next(iter(self._other_features)))
+        return features
+
+    def decode_prompt_embeddings(self, features, frame_index: int, sparse_bt256, dense_b256hw=None):
+        """The frozen mask decoder on one frame of `features` (what `features(frames)` returned) for B prompts given
+        as torch tensors: sparse [B, T, 256], dense [B, 256, h, w] or None (the model's no-mask embedding) ->
+        (low-resolution logits [B, 1, 4h, 4w] on the pixel features' `grid.refined(4)`, IoU scores [B]). Differentiable
+        with respect to the prompt embeddings (the decoder's own weights never require grad): trained generators
+        learn through it, and inference decodes `PromptEmbedding`s through the same call."""
+        raise InputError(f"model '{self.name}' does not decode prompt embeddings")
 
     def propagate(self, frames, plan, corrections=None, progress=None, cancel=None) -> Dict[int, np.ndarray]:
         """Models with memory (capability `memory`) execute a PromptPlan themselves: label -> [N, H, W] float32

@@ -337,6 +337,7 @@ class Sam2Model(SliceModel):
         self.checkpoint = checkpoint_path
         config = spec.config or "configs/sam2.1/sam2.1_hiera_t.yaml"
         self.predictor = build_predictor(config, checkpoint_path, self.device, self.image_size)
+        self.predictor.requires_grad_(False)  # frozen: trained generators learn through the decoder, never into it
         self.encode_batch = int(encode_batch or (8 if self.device == "cuda" else 2))
         self._support_cache: "OrderedDict[str, FrameFeatures]" = OrderedDict()
         self.disk_cache = FeatureDiskCache()  # support features across processes (models/feature_cache.py)
@@ -411,6 +412,28 @@ class Sam2Model(SliceModel):
         grid = FeatureGrid((grid_h, grid_w), (frames.height / grid_h, frames.width / grid_w), (grid_h, grid_w),
                            (frames.height, frames.width))
         return PixelFeatures(array, grid)
+
+    def decode_prompt_embeddings(self, features, frame_index: int, sparse_bt256, dense_b256hw=None):
+        """SAM 2's frozen mask decoder on one frame as a conditioning frame without memory (the top-level feature
+        plus `no_mem_embed`, the high-resolution levels as skip features), for B prompts (see `SliceModel`)."""
+        predictor = self.predictor
+        index = int(frame_index)
+        top = features.fpn[-1][index:index + 1].to(self.device).float()
+        if predictor.directly_add_no_mem_embed:
+            top = top + predictor.no_mem_embed.reshape(1, -1, 1, 1)
+        high_res = None
+        if predictor.use_high_res_features_in_sam:
+            high_res = [level[index:index + 1].to(self.device).float() for level in features.fpn[:-1]]
+        batch = int(sparse_bt256.shape[0])
+        if dense_b256hw is None:
+            grid = tuple(self.capabilities.feature_grid)
+            weight = predictor.sam_prompt_encoder.no_mask_embed.weight
+            dense_b256hw = weight.reshape(1, -1, 1, 1).expand(batch, -1, grid[0], grid[1])
+        logits, iou, _, _ = predictor.sam_mask_decoder(
+            image_embeddings=top, image_pe=predictor.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse_bt256, dense_prompt_embeddings=dense_b256hw, multimask_output=False,
+            repeat_image=True, high_res_features=high_res)
+        return logits, iou.reshape(-1)
 
     @contextmanager
     def _prompt_embeddings(self, embedding: PromptEmbedding):

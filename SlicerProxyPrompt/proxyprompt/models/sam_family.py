@@ -100,6 +100,7 @@ class SamFamilyModel(SliceModel):
             load_into(net, read_state_dict(path), path, strict=True)
             self.checkpoint_path = str(path)
         self.net = net.to(self.device).eval()
+        self.net.requires_grad_(False)  # frozen: trained generators learn through the decoder, never into it
         self._last_key: Optional[str] = None
         grid = tuple(int(v) for v in self.net.prompt_encoder.image_embedding_size)
         # no memory, no points (the decoder is prompted by a box / mask / embeddings per slice); a prior is read
@@ -330,17 +331,28 @@ class SamFamilyModel(SliceModel):
             dense = torch.from_numpy(embedding.dense_256hw)[None].to(self.device)
         return sparse, dense
 
+    def decode_prompt_embeddings(self, features, frame_index: int, sparse_bt256, dense_b256hw=None):
+        """The frozen mask decoder on one frame's cached embedding for B prompts (see `SliceModel`): the SAM decoder
+        repeats the one image embedding over the prompts. Logits [B, 1, 4h, 4w] cover the padded model input."""
+        embedding = features["embeddings"][int(frame_index):int(frame_index) + 1].to(self.device)
+        batch = int(sparse_bt256.shape[0])
+        if dense_b256hw is None:
+            grid = tuple(self.capabilities.feature_grid)
+            weight = self.net.prompt_encoder.no_mask_embed.weight
+            dense_b256hw = weight.reshape(1, -1, 1, 1).expand(batch, -1, grid[0], grid[1])
+        logits, iou = self.net.mask_decoder(
+            image_embeddings=embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse_bt256, dense_prompt_embeddings=dense_b256hw, multimask_output=False,
+        )
+        return logits, iou.reshape(-1)
+
     def _decode(self, features, frame_index: int, sparse, dense, height: int, width: int, new_h: int, new_w: int):
         """The mask decoder on one frame's cached embedding -> (probability [H, W], IoU score)."""
         import torch
         import torch.nn.functional as F
 
-        embedding = features["embeddings"][int(frame_index):int(frame_index) + 1].to(self.device)
         with torch.inference_mode():
-            logits, iou = self.net.mask_decoder(
-                image_embeddings=embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-            )
+            logits, iou = self.decode_prompt_embeddings(features, frame_index, sparse, dense)
             logits = F.interpolate(logits.float(), size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False)
             logits = logits[..., :new_h, :new_w]
