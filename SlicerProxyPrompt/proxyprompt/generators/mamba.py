@@ -37,6 +37,15 @@ def _prepare_delta(delta, delta_bias, delta_softplus):
     return F.softplus(delta) if delta_softplus else delta
 
 
+def _skip_and_gate(y, u, D, z):
+    """The scan's output y [b, d, l] plus the skip term D * u, gated by silu(z) (as mamba-ssm's kernel does)."""
+    if D is not None:
+        y = y + D.float().reshape(1, -1, 1) * u
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
 def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The recurrence one step at a time (reference for tests)."""
     delta = _prepare_delta(delta.float(), delta_bias, delta_softplus)
@@ -48,12 +57,7 @@ def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
         decay = torch.exp(delta[:, :, t, None] * A[None])  # [b, d, n]
         state = decay * state + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
         outputs.append((state * C[:, None, :, t]).sum(-1))
-    y = torch.stack(outputs, dim=-1)
-    if D is not None:
-        y = y + D.float().reshape(1, -1, 1) * u
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y
+    return _skip_and_gate(torch.stack(outputs, dim=-1), u, D, z)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -78,12 +82,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         states = states + torch.exp(partial) * state[:, :, None, :]
         outputs.append(torch.einsum("bdtn,bnt->bdt", states, C[:, :, start:stop]))
         state = states[:, :, -1]
-    y = torch.cat(outputs, dim=-1)
-    if D is not None:
-        y = y + D.float().reshape(1, -1, 1) * u
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y
+    return _skip_and_gate(torch.cat(outputs, dim=-1), u, D, z)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
