@@ -317,17 +317,15 @@ class ProxyPromptGenerator(Generator):
         if job.resume is not None:
             start = int(job.resume.get("training.step", torch.tensor(0)).item())
             _load_optimizer(optimizer, net, job.resume)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, steps_total) / steps_total)),
-            last_epoch=-1)
-        for _ in range(start):
-            schedule.step()
 
         multi_case = len(cases) > 1
         report(progress, "train", start, steps_total)
         started = time.perf_counter()
         for step in range(start, steps_total):
             check_cancel(cancel)
+            # cosine decay written per step (not an LR scheduler): a resumed run starts at its step's rate
+            for group in optimizer.param_groups:
+                group["lr"] = LEARNING_RATE * 0.5 * (1 + np.cos(np.pi * min(step, steps_total) / steps_total))
             optimizer.zero_grad(set_to_none=True)
             losses = []
             for _ in range(EPISODES_PER_STEP):
@@ -359,7 +357,6 @@ class ProxyPromptGenerator(Generator):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             optimizer.step()
-            schedule.step()
             if job.log is not None:
                 job.log({"step": step + 1, "loss": round(float(loss.detach()), 6),
                          "seconds": round(time.perf_counter() - started, 3)})
