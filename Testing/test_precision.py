@@ -16,10 +16,21 @@ def test_auto_is_bf16_on_cuda_fp32_on_mps():
     assert base.select_precision("auto", "mps") == "fp32"
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_on_cpu_follows_native_bf16_support(monkeypatch, native):
-    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: native)
-    assert base.select_precision("auto", "cpu") == ("bf16" if native else "fp32")
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_on_cpu_is_bf16_only_with_amx(monkeypatch, amx):
+    monkeypatch.setattr(base, "cpu_has_amx", lambda: amx)
+    assert base.select_precision("auto", "cpu") == ("bf16" if amx else "fp32")
+
+
+def test_avx512_bf16_without_amx_is_not_enough(monkeypatch):
+    """AVX512-BF16 alone ran bf16 slower than fp32 (measured): auto must not pick bf16 for it."""
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert base.select_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert base.select_precision("auto", "cpu") == "bf16"
 
 
 def test_bad_precision_requests_are_input_errors():

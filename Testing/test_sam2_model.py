@@ -271,7 +271,7 @@ def test_batched_objects_equal_per_object_path(engine, five):
 
 
 def test_bf16_autocast_matches_fp32(engine, five):
-    """The bf16 path (default on CUDA and on CPUs with native bf16) computes the same probabilities as fp32
+    """The bf16 path (default on CUDA and on CPUs with Intel AMX) computes the same probabilities as fp32
     within bf16 rounding. Random weights put every probability near 0.5, so labels are compared through the
     probability maps, not thresholds."""
     frames, labels = five

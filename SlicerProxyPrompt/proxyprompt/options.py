@@ -89,8 +89,8 @@ class EngineOptions(Options):
     references are fused and how many refinement rounds a generator may ask for."""
 
     device: str = option("auto", "where the model runs; auto = CUDA, then Apple MPS, then CPU", str, DEVICES)
-    precision: str = option("auto", "model arithmetic; auto = bf16 on CUDA and on CPUs with native bf16 "
-                                    "(AMX / AVX512-BF16)", str, PRECISIONS)
+    precision: str = option("auto", "model arithmetic; auto = bf16 on CUDA and on CPUs with "
+                                    "Intel AMX, else fp32", str, PRECISIONS)
     image_size: Optional[int] = option(None, "model input size (SAM 2: 1024 or 512)", int, minimum=64)
     fusion: str = option("vote", "label fusion of several references (mean: of the soft warped maps)", str, FUSIONS)
     fusion_top_k: Optional[int] = option(None, "fuse the k references whose warped labels agree best "

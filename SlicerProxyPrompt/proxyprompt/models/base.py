@@ -46,20 +46,21 @@ def select_device(requested: str = "auto") -> str:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bfloat16 matrix products natively (Intel AMX or AVX512-BF16): there
-    bf16 matmul / attention run ~3x faster than float32 (measured on a 2-core Xeon with AMX)."""
+def cpu_has_amx() -> bool:
+    """True when this CPU has Intel AMX tiles: there bf16 attention and matrix products ran 2.5-4.9x faster than
+    float32 (2-core Xeon, `benchmarks/precision.py`). AVX512-BF16 alone is not enough: on a 2-core Xeon with it but
+    without AMX, bf16 ran 0.6-0.9x of float32 (SDPA and linear layers) and SAM 2 propagation 1.6x slower."""
     import torch
 
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
-        return any(bool(check()) for check in checks if check is not None)
-    except Exception:  # private torch helpers: absent or failing means "not known to be native"
+        return bool(check()) if check is not None else False
+    except Exception:  # a private torch helper: absent or failing means "not known to be there"
         return False
 
 
 def select_precision(requested: str = "auto", device: str = "cpu") -> str:
-    """auto: bf16 on CUDA (as SAM 2's own demos run) and on CPUs with native bf16, else fp32.
+    """auto: bf16 on CUDA (as SAM 2's own demos run) and on CPUs with AMX, else fp32.
     MPS stays fp32 (its bf16 autocast coverage is incomplete)."""
     requested = (requested or "auto").lower()
     if requested not in PRECISIONS:
@@ -68,7 +69,7 @@ def select_precision(requested: str = "auto", device: str = "cpu") -> str:
         raise InputError("precision bf16 is not supported on Apple MPS; use fp32")
     if requested != "auto":
         return requested
-    if device == "cuda" or (device == "cpu" and cpu_has_native_bf16()):
+    if device == "cuda" or (device == "cpu" and cpu_has_amx()):
         return "bf16"
     return "fp32"
 
