@@ -8,6 +8,8 @@ LiteMedSAM weights from that same prior with one `PriorPolicy` (`generators.prio
 where the prior was right (mean Dice >= 0.5) or wrong, and per row how the model changed each.
 
     python benchmarks/model_stage.py --data ../shared/data/acdc --glob '*_ED_image.nii.gz' --targets 5 --offset 1
+
+`--registration-alone` adds the registration generator with model none (its defaults) on the same pairs.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ ROWS = {
     "margin 5 input px + stability 0.85": ({**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.85}, 0),
     "margin 5 input px + stability 0.8 + choice 0.5": (
         {**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.8, "prior_min_agreement": 0.5}, 0),
+    "margin 5 input px + 3 rounds": ({**PLAIN, "prior_box_margin": 5.0}, 3),
     "margin 5 input px + stability 0.85 + 3 rounds": (
         {**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.85}, 3),
 }

@@ -2,16 +2,19 @@
 so that it adds to it rather than losing Dice. Shared by every generator that hands a model a prior (registration,
 warp): the generator puts a `PriorPolicy` on its plan (`PromptPlan.prior_policy`), `propagation.execute_plan` runs it.
 
-Two candidate remedies, both options, measured in docs/benchmarks.md ("Model stage from a prior"):
-* **crop** (`crop_margin`): MedSAM's practice of a region of interest: the frames cropped to the prior's bounding box
-  over the volume (all its structures, plus `crop_margin` of its size on each side, made square so the crop fills the
-  256 px input), encoded once as their own feature-cache entry, with the prior's boxes in crop pixels. On the ACDC
-  selection pairs it LOST Dice against the whole frame (0.799 / 0.840 vs 0.816 / 0.878), so the default is the
-  whole frame (`prior_crop_margin` < 0).
-* **choice per slice** (`min_agreement`): where the model's mask disagrees with the prior (Dice below it), the prior
-  is kept on that slice: a box from a misplaced prior makes the model segment whatever lies in the box (another
-  chamber, the background), which is worse than the prior itself. Default 0.7: on the selection pairs of both
-  anatomies 0.7 >= 0.5 >= none (hippocampus 0.668 / 0.610 / 0.538 against a prior of 0.746; ACDC unchanged).
+Measured (docs/benchmarks.md, "Model stage from a prior"; settings chosen on selection pairs of ACDC and hippocampus):
+* **box margin in model-input pixels** (`box_margin`, default 5: MedSAM's own box jitter at 256 px): LiteMedSAM
+  fills the box it is given, and a margin in frame pixels grows with the upsampling: 3 frame px on a 51 px
+  hippocampus slice is 15 input px and made its masks ~1.5x the truth (per-slice diagnosis, hippocampus_001).
+* **stability check** (`min_stability`, default 0.85; `jitter_px` 2): the model runs a second time with each box
+  2 frame px wider; a structure whose mask moves with the box (3D Dice between the two runs below 0.85) keeps its
+  prior. On hippocampus LiteMedSAM is no better than the registration prior even from the TRUE box (0.74-0.77 3D
+  Dice against priors of 0.75-0.82) and its mask follows the box (0.64-0.83); on ACDC it snaps to the chambers'
+  edges (0.93-1.0 measured at 1 vs 3 px) and adds +0.06 to +0.19 to the prior.
+* **choice per slice** (`min_agreement`, default 0: off): keeping the prior on slices where the model disagrees with
+  it cost ACDC up to 0.15 where the prior was poor (the disagreement is the model's correction there).
+* **crop** (`crop_margin`, default off): the frames cropped to the prior's box over the volume; it lost Dice on
+  ACDC (0.799 / 0.840 vs 0.816 / 0.878) and changes nothing on hippocampus (the crop is the whole slice).
 Slices without prior and seeds (corrections, conditioning masks) are handled by `SliceBySlicePropagation` as before.
 """
 
