@@ -8,6 +8,8 @@ LiteMedSAM weights from that same prior with one `PriorPolicy` (`generators.prio
 where the prior was right (mean Dice >= 0.5) or wrong, and per row how the model changed each.
 
     python benchmarks/model_stage.py --data ../shared/data/acdc --glob '*_ED_image.nii.gz' --targets 5 --offset 1
+
+`--registration-alone` adds the registration generator with model none (its defaults) on the same pairs.
 """
 
 from __future__ import annotations
@@ -35,19 +37,32 @@ from proxyprompt.pipeline import Engine  # noqa: E402
 from proxyprompt.volume import read_image, read_label  # noqa: E402
 
 # row name -> (generator options, refinement rounds). The warp generator's prompts from the cached prior; rounds 0:
-# the model stage alone (what the registration generator does with a memory-less model).
-PLAIN = {"prior_crop_margin": -1.0, "prior_min_agreement": 0.0}
+# the model stage alone (what the registration generator does with a memory-less model). "frame3": a box margin of 3
+# frame pixels whatever the frame's size (the margin before it was given in model-input pixels), converted per pair.
+FRAME3 = "frame3"
+PLAIN = {"prior_crop_margin": -1.0, "prior_min_agreement": 0.0, "prior_box_margin": FRAME3, "prior_min_stability": 0.0}
 ROWS = {
     "plain (whole frame, box)": (PLAIN, 0),
-    "whole frame + choice 0.5": ({"prior_crop_margin": -1.0, "prior_min_agreement": 0.5}, 0),
-    "whole frame + choice 0.7": ({"prior_crop_margin": -1.0, "prior_min_agreement": 0.7}, 0),
-    "crop 0.3": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.0}, 0),
-    "crop 0.3 + choice 0.5": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.5}, 0),
-    "crop 0.6 + choice 0.5": ({"prior_crop_margin": 0.6, "prior_min_agreement": 0.5}, 0),
-    "whole frame + choice 0.5 + 3 rounds": ({"prior_crop_margin": -1.0, "prior_min_agreement": 0.5}, 3),
+    "whole frame + choice 0.5": ({**PLAIN, "prior_min_agreement": 0.5}, 0),
+    "whole frame + choice 0.7": ({**PLAIN, "prior_min_agreement": 0.7}, 0),
+    "crop 0.3": ({**PLAIN, "prior_crop_margin": 0.3}, 0),
+    "crop 0.3 + choice 0.5": ({**PLAIN, "prior_crop_margin": 0.3, "prior_min_agreement": 0.5}, 0),
+    "crop 0.6 + choice 0.5": ({**PLAIN, "prior_crop_margin": 0.6, "prior_min_agreement": 0.5}, 0),
+    "whole frame + choice 0.5 + 3 rounds": ({**PLAIN, "prior_min_agreement": 0.5}, 3),
     "whole frame + choice 0.5 + mask input + 3 rounds": (
-        {"prior_crop_margin": -1.0, "prior_min_agreement": 0.5, "warp_prompts": "box,mask"}, 3),
-    "crop 0.3 + choice 0.5 + 3 rounds": ({"prior_crop_margin": 0.3, "prior_min_agreement": 0.5}, 3),
+        {**PLAIN, "prior_min_agreement": 0.5, "warp_prompts": "box,mask"}, 3),
+    "crop 0.3 + choice 0.5 + 3 rounds": ({**PLAIN, "prior_crop_margin": 0.3, "prior_min_agreement": 0.5}, 3),
+    # issue 16 item 2, hippocampus: the box margin in model-input pixels, the per-structure stability check
+    "margin 5 input px": ({**PLAIN, "prior_box_margin": 5.0}, 0),
+    "margin 5 input px + choice 0.7": ({**PLAIN, "prior_box_margin": 5.0, "prior_min_agreement": 0.7}, 0),
+    "margin 5 input px + stability 0.7": ({**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.7}, 0),
+    "margin 5 input px + stability 0.8": ({**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.8}, 0),
+    "margin 5 input px + stability 0.85": ({**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.85}, 0),
+    "margin 5 input px + stability 0.8 + choice 0.5": (
+        {**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.8, "prior_min_agreement": 0.5}, 0),
+    "margin 5 input px + 3 rounds": ({**PLAIN, "prior_box_margin": 5.0}, 3),
+    "margin 5 input px + stability 0.85 + 3 rounds": (
+        {**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.85}, 3),
 }
 
 _PRIORS = {}
@@ -80,6 +95,13 @@ def markdown_table(results, rows, labels, table, prior_name) -> str:
     per = " | ".join(f"{np.mean([e['prior'][i] for e in results]):.3f}" for i in range(len(labels)))
     lines.append(f"| prior alone | {per} | {prior_means.mean():.3f} | {split(prior_means, right)} | "
                  f"{split(prior_means, ~right)} | {np.nanmean([e['prior_seconds'] for e in results]):.1f} |")
+    if all("registration_alone" in e for e in results):  # the registration generator with model none
+        alone = np.array([np.mean(e["registration_alone"]["dice"]) for e in results])
+        per = " | ".join(f"{np.mean([e['registration_alone']['dice'][i] for e in results]):.3f}"
+                         for i in range(len(labels)))
+        lines.append(f"| registration alone (model none) | {per} | {alone.mean():.3f} | {split(alone, right)} / "
+                     f"{split(prior_means, right)} | {split(alone, ~right)} / {split(prior_means, ~right)} | "
+                     f"{np.mean([e['registration_alone']['seconds'] for e in results]):.1f} |")
     for row in rows:
         means = np.array([np.mean(e["rows"][row]["dice"]) for e in results])
         per = " | ".join(f"{np.mean([e['rows'][row]['dice'][i] for e in results]):.3f}" for i in range(len(labels)))
@@ -121,6 +143,8 @@ def main(argv=None) -> int:
                         choices=("registration", "warp-registration", "warp-learned"))
     parser.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated row names")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/proxyprompt-model-stage"))
+    parser.add_argument("--registration-alone", action="store_true",
+                        help="also run the registration generator with model none (its defaults) on each pair")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table-from", type=Path, help="only print the table of a --json file written earlier")
     args = parser.parse_args(argv)
@@ -136,6 +160,7 @@ def main(argv=None) -> int:
     names = case_names(args.data, args.glob)
     table = json.loads((args.data / "labels.json").read_text())
     engine = Engine("litemedsam")
+    alone_engine = Engine("none") if args.registration_alone else None
     results = []
     for t in range(args.first, args.first + args.targets):
         target_name, reference_name = names[t % len(names)], names[(t + args.offset) % len(names)]
@@ -157,9 +182,17 @@ def main(argv=None) -> int:
         prior_volume = frames.to_volume(stack)
         entry = {"target": target_name, "reference": reference_name, "prior_seconds": prior_seconds,
                  "prior": [dice(np.asarray(prior_volume.array) == v, truth == v) for v in labels], "rows": {}}
+        if alone_engine is not None:
+            tick = time.perf_counter()
+            label = np.asarray(alone_engine.segment([reference], target, generator="registration",
+                                                    labels=labels).label.array)
+            entry["registration_alone"] = {"dice": [dice(label == v, truth == v) for v in labels],
+                                           "seconds": time.perf_counter() - tick}
         for row in rows:
             options, rounds = ROWS[row]
             _PRIORS["current"] = stack
+            if options.get("prior_box_margin") == FRAME3:  # 3 frame pixels, in the model's 256 px input
+                options = {**options, "prior_box_margin": 3.0 * 256 / max(frames.images.shape[1:])}
             tick = time.perf_counter()
             result = engine.segment([reference], target, generator="cached-prior", labels=labels,
                                     options={"warp_prompts": "box", **options},
@@ -172,6 +205,7 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps({"labels": {str(v): table.get(str(v)) for v in labels},
                                              "pairs": results}, indent=1, default=float))
         print(target_name, reference_name, "prior", round(float(np.mean(entry["prior"])), 3),
+              "alone", round(float(np.mean(entry["registration_alone"]["dice"])), 3) if alone_engine else "-",
               {r: round(float(np.mean(e["dice"])), 3) for r, e in entry["rows"].items()}, flush=True)
     print(markdown_table(results, rows, labels, table, args.prior))
     if args.json:

@@ -100,20 +100,28 @@ class SupportSlice:
 @dataclass(frozen=True)
 class PriorPolicy:
     """How a memory-less model is run from a prior (`generators.prior_refinement`). crop_margin: fraction of the
-    prior's box size added on each side of the crop (None: no crop, the whole frame); min_agreement: per slice and structure, Dice between the model's
-    mask and the prior below which the prior is kept (0: always the model); box_margin: pixels (frame pixels)
-    around each prior box; mask_prompt: also feed the prior as the model's mask input."""
+    prior's box size added on each side of the crop (None: no crop, the whole frame); min_agreement: per slice and
+    structure, Dice between the model's mask and the prior below which the prior is kept (0: always the model);
+    box_margin: model-input pixels around each prior box (the model sees the frame resized to its input, so a margin
+    in frame pixels would grow with the upsampling of small frames); jitter_px / min_stability: per structure, the
+    model is run a second time with each box `jitter_px` frame pixels wider, and where its two masks agree (3D Dice
+    over the structure) below `min_stability` the whole structure keeps the prior (0: no check); mask_prompt: also
+    feed the prior as the model's mask input."""
 
     crop_margin: Optional[float] = None
-    min_agreement: float = 0.7
-    box_margin: int = 3
+    min_agreement: float = 0.0
+    box_margin: float = 5.0
+    jitter_px: float = 2.0
+    min_stability: float = 0.85
     mask_prompt: bool = False
     min_crop_px: int = 32
 
     def describe(self) -> str:
         crop = "whole frame" if self.crop_margin is None else f"crop around the prior (margin {self.crop_margin:g})"
-        return (f"model stage from the prior: {crop}, prior kept on slices where the model agrees with it below "
-                f"Dice {self.min_agreement:g}, box margin {self.box_margin} px"
+        stability = (f", prior kept for a structure whose mask moves with a {self.jitter_px:g} px wider box (3D "
+                     f"Dice below {self.min_stability:g})" if self.min_stability > 0 else "")
+        return (f"model stage from the prior: {crop}, box margin {self.box_margin:g} model-input px{stability}, "
+                f"prior kept on slices where the model agrees with it below Dice {self.min_agreement:g}"
                 + (", prior as mask input" if self.mask_prompt else ""))
 
 

@@ -92,7 +92,7 @@ class SliceBySlicePropagation:
     the model's prediction in the outer box minus the enclosed structures, measured useless because LiteMedSAM
     segments the cavity inside the outer box), `shift_prior_to_seeds`."""
 
-    prior_margin: int = 3
+    prior_margin: float = 3
     neighbour_margin: int = 3
     use_mask_prompt: bool = False
     min_score: float = 0.5
@@ -481,6 +481,6 @@ def execute_plan(model, frames, plan, corrections=None, progress=None, cancel=No
         return clip_to_frame_ranges(results, plan, corrections)
     policy = plan.prior_policy
     if strategy is None and policy is not None and any(p.prior is not None for p in plan.objects.values()):
-        strategy = SliceBySlicePropagation(prior_margin=policy.box_margin, use_mask_prompt=policy.mask_prompt)
+        strategy = SliceBySlicePropagation(use_mask_prompt=policy.mask_prompt)  # box margin: run_with_prior
         return run_with_prior(model, frames, plan, policy, strategy, corrections, progress, cancel)
     return (strategy or SliceBySlicePropagation()).propagate(model, frames, plan, corrections, progress, cancel)

@@ -3,8 +3,8 @@
 With model `none` the warped labels are the result (works with no GPU and no weights: the baseline every
 other generator must beat). With a model, they become per-slice prompts: a mask prior, a box per slice,
 and the slice range where each structure is expected (the stopping rule of propagation); a memory-less model runs
-them through the shared model stage from a prior (`prior_refinement`: `--prior-crop-margin`,
-`--prior-min-agreement`), as the warp generator does.
+them through the shared model stage from a prior (`prior_refinement`: `--prior-box-margin`,
+`--prior-min-stability`, `--prior-min-agreement`, `--prior-crop-margin`), as the warp generator does.
 
 For methods deformable / intensity (the defaults) every reference is registered by several pipelines and one is
 kept by label-free evidence (`proxyprompt.registration_candidates`); the plan carries a per-structure quality

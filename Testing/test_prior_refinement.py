@@ -1,0 +1,86 @@
+"""The model stage from a prior (issue 16 item 2): the box margin in model-input pixels and the per-structure
+stability check (a model whose mask moves with its box keeps the prior), on synthetic frames with two stand-in
+models: one that draws whatever box it is given, one that finds the same boundary whatever the box."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from proxyprompt.contract import ObjectPrompt, PriorPolicy, PromptPlan
+from proxyprompt.frames import make_slice_stack
+from proxyprompt.generators.prior_refinement import box_stability, frame_box_margin, run_with_prior
+from proxyprompt.generators.propagation import SliceBySlicePropagation
+from proxyprompt.metrics import dice
+from proxyprompt.volume import Volume
+
+SHAPE = (3, 40, 48)
+
+
+def _disc(centre, radius):
+    rows, cols = np.mgrid[0 : SHAPE[1], 0 : SHAPE[2]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+class _StandIn:
+    """The slice-by-slice strategy's model interface: `features` and `predict_slice`. image_size: the model input's
+    side (the frame's longest side is resized to it). `draws_box`: the mask is the box itself (no boundary of its
+    own); otherwise the mask is `structure` whatever the box."""
+
+    def __init__(self, structure, draws_box: bool, image_size: int = 240):
+        self.structure, self.draws_box, self.image_size = structure, draws_box, image_size
+        self.boxes = []
+
+    def features(self, frames, progress=None, cancel=None, needed=None):
+        return None
+
+    def predict_slice(self, frame, box=None, mask_prior=None, frames=None, embedding=None):
+        self.boxes.append(np.asarray(box, dtype=float))
+        if not self.draws_box:
+            return self.structure.astype(np.float32), 0.9
+        x0, y0, x1, y1 = np.round(box).astype(int)
+        mask = np.zeros(SHAPE[1:], np.float32)
+        mask[y0 : y1 + 1, x0 : x1 + 1] = 1.0
+        return mask, 0.9
+
+
+def _run(model, prior, min_stability):
+    frames = make_slice_stack(Volume(np.random.default_rng(0).random(SHAPE).astype(np.float32), np.eye(4)), axis=0)
+    plan = PromptPlan(objects={1: ObjectPrompt(1, prior=prior.astype(np.float32))})
+    policy = PriorPolicy(min_agreement=0.0, box_margin=5.0, jitter_px=2.0, min_stability=min_stability)
+    return run_with_prior(model, frames, plan, policy, SliceBySlicePropagation())[1] > 0.5
+
+
+def test_box_margin_is_in_model_input_pixels():
+    model = _StandIn(None, True, image_size=256)
+    assert frame_box_margin(model, (51, 35), 5.0) == 5.0 * 51 / 256  # a small slice: about one frame pixel
+    assert frame_box_margin(model, (256, 216), 5.0) == 5.0
+
+
+def test_a_model_that_draws_its_box_keeps_the_prior_one_that_finds_a_boundary_is_kept():
+    truth = np.stack([_disc((21, 25), 7)] * SHAPE[0])
+    prior = np.stack([_disc((19, 23), 6)] * SHAPE[0])  # near the structure, smaller: the model should correct it
+    drawer = _StandIn(None, draws_box=True)
+    unchecked = _run(drawer, prior, 0.0)
+    checked = _run(_StandIn(None, draws_box=True), prior, 0.9)
+    # the box drawer's mask moves with the box: the check finds it and keeps the prior for the whole structure
+    assert not np.array_equal(unchecked, prior)
+    assert np.array_equal(checked, prior)
+    # the margin reached the model in frame pixels: 5 input px on a 48 px frame resized to 240 = 1 frame px
+    x0, y0, x1, y1 = drawer.boxes[0]
+    rows, cols = np.flatnonzero(prior[0].any(axis=1)), np.flatnonzero(prior[0].any(axis=0))
+    assert (x0, y0, x1, y1) == (cols[0] - 1, rows[0] - 1, cols[-1] + 1, rows[-1] + 1)
+
+    finder = _StandIn(truth[0], draws_box=False)
+    kept = _run(finder, prior, 0.9)
+    assert np.array_equal(kept, truth)  # stable under the jittered box: the model's boundary replaces the prior
+    assert dice(kept, truth) > dice(prior, truth)
+
+
+def test_box_stability_ignores_slices_without_prior_and_seeded_ones():
+    prior = np.zeros(SHAPE, np.float32)
+    prior[1] = _disc((20, 20), 6)
+    first, second = np.zeros(SHAPE, np.float32), np.zeros(SHAPE, np.float32)
+    first[1], second[1] = _disc((20, 20), 6), _disc((20, 20), 6)
+    first[0] = 1.0  # a slice the prior does not hold: not counted
+    assert box_stability(first, second, prior) == 1.0
+    assert np.isnan(box_stability(first, second, prior, skip={1}))
