@@ -4,9 +4,10 @@ embeddings for a frozen SAM-family or SAM 2 model (our reconstruction of Proxy P
 Per target slice and structure: (i) the `reference_top_k` reference slices holding the structure whose pooled image
 embeddings are closest to the target slice's are selected; the network (`proxy_prompt_net.ProxyPromptNet`: selective
 maps + Vision Mamba, dual-reverse cross-attention) turns them and the target's features into N sparse prompt tokens
-and a dense prompt. A model without memory (LiteMedSAM, SAM ViT) decodes every slice from its proxy prompt; SAM 2
-gets proxy prompts on the `conditioning_frames` slices its decoder is most confident on, and propagates from them
-with its memory.
+and a dense prompt. Only the slices of each structure's registered slice range (+- `slice_range_margin`) are
+prompted, and the output is bounded to it (`slice_range` 'all': every slice). A model without memory (LiteMedSAM,
+SAM ViT) decodes every prompted slice from its proxy prompt; SAM 2 gets proxy prompts on the `conditioning_frames`
+slices its decoder is most confident on, and propagates from them with its memory.
 
 Training (`proxyprompt train --generator proxy-prompt`): up to `max_masks` annotated slices are taken from the
 training cases and encoded once; each step draws episodes (a target slice among them, its references among the slices
