@@ -170,6 +170,31 @@ def test_feature_grid_maps_cells_to_frame_pixels():
     assert fraction[:, 2:].sum() == 0  # padding cells
 
 
+def test_feature_grid_mask_fraction_by_area_when_cells_are_smaller_than_pixels():
+    """A small slice (MSD hippocampus, 35 x 50 px) on LiteMedSAM's 64 x 64 grid, or on the decoder's 4x finer grid:
+    every cell inside a masked pixel is covered, not only the one holding the pixel's centre."""
+    from proxyprompt.contract import FeatureGrid
+
+    fine = FeatureGrid(shape=(64, 64), cell_size=(0.2, 0.2), valid=(50, 50), frame_shape=(10, 10))
+    mask = np.zeros((10, 10), bool)
+    mask[2:5, 3:7] = True
+    fraction = fine.mask_to_grid(mask)
+    assert np.array_equal(fraction > 0, _padded(np.kron(mask, np.ones((5, 5))), (64, 64)) > 0)
+    assert np.allclose(fraction[fraction > 0], 1.0)
+    assert np.isclose(fraction.sum() * 0.2 * 0.2, mask.sum())  # the area is kept
+    # cells straddling pixels: 1.5 px cells over a mask ending mid-cell
+    coarse = FeatureGrid(shape=(4, 4), cell_size=(1.5, 1.5), valid=(4, 4), frame_shape=(6, 6))
+    half = np.zeros((6, 6), bool)
+    half[:, :2] = True  # columns 0-1: cell 0 fully, cell 1 ([1.5, 3)) one third
+    assert np.allclose(coarse.mask_to_grid(half)[:, :2], [[1.0, 1 / 3]] * 4)
+
+
+def _padded(array, shape):
+    out = np.zeros(shape, array.dtype)
+    out[:array.shape[0], :array.shape[1]] = array
+    return out
+
+
 # --- a generator that uses prompt embeddings, per-pixel features, refinement and typed options ----------------
 @dataclass(frozen=True)
 class ProbeOptions(Options):

@@ -255,6 +255,27 @@ def test_sam_v1_random_trains_and_segments_per_slice(small_cases):
     assert np.all((probabilities[3] >= 0) & (probabilities[3] <= 1))
 
 
+def test_random_sam_v1_is_a_registered_model_with_the_same_weights_in_every_build():
+    """`--model random_sam_vit_b`: SAM ViT-B (segment-anything) with random weights from a fixed seed, so a generator
+    trained by `proxyprompt train` meets the same frozen decoder in `proxyprompt segment` (another process)."""
+    from proxyprompt.errors import InputError
+    from proxyprompt.models.loader import load_model
+    from proxyprompt.models.registry import get_model_spec, list_models
+
+    assert get_model_spec("random-sam").name == "random_sam_vit_b"
+    row = {r["name"]: r for r in list_models()}["random_sam_vit_b"]
+    assert row["family"] == "sam" and row["cached"] and row["path"] is None  # no file to download
+    first, second = (load_model("random-sam", image_size=256, device="cpu") for _ in range(2))
+    assert first.is_random and first.image_size == 256 and first.capabilities.feature_grid == (16, 16)
+    for (name, a), (_, b) in zip(first.net.mask_decoder.state_dict().items(),
+                                 second.net.mask_decoder.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(first.net.image_encoder.patch_embed.proj.weight,
+                           torch.zeros_like(first.net.image_encoder.patch_embed.proj.weight))
+    with pytest.raises(InputError, match="random weights"):
+        load_model("random-sam", checkpoint="sam_vit_b_01ec64.pth", image_size=256, device="cpu")
+
+
 # ---------------------------------------------------------------- CLI, end to end
 def _train_args(folder, model, output, extra=()):
     return ["train", "--generator", "proxy-prompt", "--model", model,
@@ -271,6 +292,7 @@ def _segment_args(folder, model, checkpoint, output):
 
 
 @pytest.mark.parametrize("model, size, resume", [("random", ["--image-size", "512"], True),
+                                                 ("random_sam_vit_b", ["--image-size", "256"], False),
                                                  ("litemedsam", [], False)])
 def test_cli_train_then_segment(small_cases, tmp_path, capsys, model, size, resume):
     from proxyprompt.cli import main
@@ -294,6 +316,7 @@ def test_cli_train_then_segment(small_cases, tmp_path, capsys, model, size, resu
     assert main(_segment_args(small_cases, model, checkpoint, output) + size) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["generator"] == "proxy-prompt" and result["model"] == model
+    assert result["random_weights"] == model.startswith("random")
     label, _ = read_label(output)
     assert label.same_grid(read_image(small_cases / "patient019.nrrd"))
 

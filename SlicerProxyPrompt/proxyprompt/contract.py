@@ -276,17 +276,27 @@ class FeatureGrid:
                            (self.valid[0] * factor, self.valid[1] * factor), self.frame_shape)
 
     def mask_to_grid(self, mask_hw: np.ndarray) -> np.ndarray:
-        """[h, w] float32: the fraction of each cell covered by a frame mask [H, W] (0 on padding cells)."""
-        mask = np.asarray(mask_hw, dtype=np.float32)
+        """[h, w] float32: the fraction of each cell covered by a frame mask [H, W] (0 on padding cells), by area:
+        exact whether cells are larger than pixels (a 256 px slice on a 64 x 64 grid) or smaller (a 35 x 50 px
+        hippocampus slice on the same grid, or the decoder's 4x finer grid), where assigning each pixel to the one
+        cell holding its centre would leave most cells empty."""
+        mask = np.asarray(mask_hw, dtype=np.float64)
         if mask.shape != tuple(self.frame_shape):
             raise InputError(f"mask is {list(mask.shape)}, the frames are {list(self.frame_shape)}")
-        rows = np.minimum(((np.arange(mask.shape[0]) + 0.5) / self.cell_size[0]).astype(int), self.shape[0] - 1)
-        cols = np.minimum(((np.arange(mask.shape[1]) + 0.5) / self.cell_size[1]).astype(int), self.shape[1] - 1)
-        total = np.zeros(self.shape, np.float64)
-        count = np.zeros(self.shape, np.float64)
-        np.add.at(total, (rows[:, None], cols[None, :]), mask)
-        np.add.at(count, (rows[:, None], cols[None, :]), 1.0)
-        return (total / np.maximum(count, 1.0)).astype(np.float32)
+        rows = _interval_overlap(self.shape[0], self.cell_size[0], mask.shape[0])  # [h, H]
+        cols = _interval_overlap(self.shape[1], self.cell_size[1], mask.shape[1])  # [w, W]
+        covered = rows @ mask @ cols.T
+        area = np.outer(rows.sum(axis=1), cols.sum(axis=1))  # each cell's area inside the frame
+        return np.where(area > 0, covered / np.maximum(area, 1e-12), 0.0).astype(np.float32)
+
+
+def _interval_overlap(cells: int, cell_size: float, pixels: int) -> np.ndarray:
+    """[cells, pixels]: length of the overlap of cell i, [i * cell_size, (i + 1) * cell_size), with pixel p, [p, p + 1)
+    (frame pixel p is centred on p + 0.5 in these edge coordinates, as in FeatureGrid's cell centres)."""
+    starts = np.arange(cells)[:, None] * float(cell_size)
+    edges = np.arange(pixels + 1)[None, :]
+    overlap = np.minimum(starts + cell_size, edges[:, 1:]) - np.maximum(starts, edges[:, :-1])
+    return np.where(overlap > 1e-9 * cell_size, overlap, 0.0)  # edges that meet in floating point: no overlap
 
 
 @dataclass(eq=False)

@@ -20,6 +20,10 @@ from ..progress import ProgressCallback, report
 
 log = logging.getLogger("proxyprompt")
 
+# the seed every random-weight model (`random`, `random_sam_vit_b`) is built from: `train` and `segment` in two
+# processes must see the same frozen network, or a generator trained against it means nothing
+RANDOM_SEED = 0
+
 
 
 def select_device(requested: str = "auto") -> str:

@@ -29,7 +29,7 @@ def load_model(name: str, checkpoint: Optional[str] = None, device: str = "auto"
         from .sam_family import SamFamilyModel
 
         return SamFamilyModel(spec, checkpoint=checkpoint, device=device, image_size=image_size,
-                              precision=precision)
+                              precision=precision, random_weights=spec.random_weights)
     raise InputError(f"model family '{spec.family}' is not supported")
 
 

@@ -76,6 +76,7 @@ class ModelSpec:
     image_size: Optional[int] = None
     aliases: Tuple[str, ...] = ()
     package_resource: Optional[Tuple[str, str]] = None
+    random_weights: bool = False  # the family's real architecture with random weights (tests only; no file)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -85,8 +86,8 @@ class ModelSpec:
 
     @property
     def needs_file(self) -> bool:
-        """False for models that use no checkpoint file (``none``, ``random``)."""
-        return self.family not in ("none", "random")
+        """False for models that use no checkpoint file (``none``, the random-weight models)."""
+        return self.family not in ("none", "random") and not self.random_weights
 
 
 def _sam2_1(size: str, letter: str, size_bytes: int, sha256: str, description: str, aliases) -> ModelSpec:
@@ -173,6 +174,16 @@ MODELS: Tuple[ModelSpec, ...] = (
         config="configs/sam2.1/sam2.1_hiera_t.yaml",
         image_size=1024,
         aliases=("random-weights", "random_weights"),
+    ),
+    ModelSpec(
+        name="random_sam_vit_b",
+        family="sam",
+        description="SAM ViT-B architecture (segment-anything, SAM v1) with random weights: for tests only, its "
+                    "masks mean nothing; any --image-size that is a multiple of 64",
+        config="vit_b",
+        image_size=1024,
+        aliases=("random-sam", "random_sam", "random-sam-vit-b", "random_sam_vit-b"),
+        random_weights=True,
     ),
 )
 

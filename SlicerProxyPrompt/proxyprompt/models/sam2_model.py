@@ -43,7 +43,7 @@ import numpy as np
 from ..contract import FeatureGrid, ModelCapabilities, PixelFeatures, PromptEmbedding
 from ..errors import CheckpointError, InputError
 from ..progress import check_cancel, report
-from .base import SliceModel, autocast, select_device, select_precision
+from .base import RANDOM_SEED, SliceModel, autocast, select_device, select_precision
 from .checkpoint_file import load_into, read_state_dict
 from .feature_cache import FeatureDiskCache, entry_key, model_identity
 
@@ -51,7 +51,6 @@ log = logging.getLogger("proxyprompt")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RANDOM_SEED = 0
 SUPPORT_CACHE_SLICES = 256  # support slices whose features are kept (LRU)
 GPU_FEATURE_BUDGET_BYTES = 4 << 30  # above this, cached features of a target live in CPU memory
 

@@ -25,7 +25,7 @@ import numpy as np
 from ..contract import FeatureGrid, ModelCapabilities, PixelFeatures, PromptEmbedding
 from ..errors import InputError
 from ..progress import check_cancel, report
-from .base import SliceModel, autocast, select_device, select_precision
+from .base import RANDOM_SEED, SliceModel, autocast, select_device, select_precision
 from .checkpoint_file import load_into, read_state_dict
 
 log = logging.getLogger("proxyprompt")
@@ -77,7 +77,9 @@ class SamFamilyModel(SliceModel):
         self.precision = select_precision(precision, self.device)
         self.batch_size = max(1, int(batch_size))
         self.checkpoint_path = None
-        self.is_random = bool(random_weights)
+        self.is_random = bool(random_weights or getattr(spec, "random_weights", False))
+        if self.is_random and checkpoint is not None:
+            raise InputError(f"model '{spec.name}' has random weights and uses no checkpoint; drop --checkpoint")
 
         default_size = int(spec.image_size or (256 if self.family == "litemedsam" else 1024))
         size = default_size if image_size is None else int(image_size)
@@ -95,7 +97,9 @@ class SamFamilyModel(SliceModel):
 
             net = build_lite_medsam()
         else:
-            net = self._build_sam(self._sam_variant(spec), size)
+            with torch.random.fork_rng(devices=[]):  # random weights: the same in every process
+                torch.manual_seed(RANDOM_SEED)
+                net = self._build_sam(self._sam_variant(spec), size)
         if path is not None:
             load_into(net, read_state_dict(path), path, strict=True)
             self.checkpoint_path = str(path)
