@@ -43,11 +43,14 @@ class _StandIn:
         return mask, 0.9
 
 
-def _run(model, prior, min_stability):
+def _run(model, prior, min_stability, notes=None):
     frames = make_slice_stack(Volume(np.random.default_rng(0).random(SHAPE).astype(np.float32), np.eye(4)), axis=0)
     plan = PromptPlan(objects={1: ObjectPrompt(1, prior=prior.astype(np.float32))})
     policy = PriorPolicy(min_agreement=0.0, box_margin=5.0, jitter_px=2.0, min_stability=min_stability)
-    return run_with_prior(model, frames, plan, policy, SliceBySlicePropagation())[1] > 0.5
+    output = run_with_prior(model, frames, plan, policy, SliceBySlicePropagation())[1] > 0.5
+    if notes is not None:
+        notes.extend(plan.notes)
+    return output
 
 
 def test_box_margin_is_in_model_input_pixels():
@@ -61,17 +64,21 @@ def test_a_model_that_draws_its_box_keeps_the_prior_one_that_finds_a_boundary_is
     prior = np.stack([_disc((19, 23), 6)] * SHAPE[0])  # near the structure, smaller: the model should correct it
     drawer = _StandIn(None, draws_box=True)
     unchecked = _run(drawer, prior, 0.0)
-    checked = _run(_StandIn(None, draws_box=True), prior, 0.9)
+    notes = []
+    checked = _run(_StandIn(None, draws_box=True), prior, 0.9, notes)
     # the box drawer's mask moves with the box: the check finds it and keeps the prior for the whole structure
     assert not np.array_equal(unchecked, prior)
     assert np.array_equal(checked, prior)
+    assert len(notes) == 1 and "label 1 keeps its prior" in notes[0]  # the user is told which structure
     # the margin reached the model in frame pixels: 5 input px on a 48 px frame resized to 240 = 1 frame px
     x0, y0, x1, y1 = drawer.boxes[0]
     rows, cols = np.flatnonzero(prior[0].any(axis=1)), np.flatnonzero(prior[0].any(axis=0))
     assert (x0, y0, x1, y1) == (cols[0] - 1, rows[0] - 1, cols[-1] + 1, rows[-1] + 1)
 
     finder = _StandIn(truth[0], draws_box=False)
-    kept = _run(finder, prior, 0.9)
+    notes = []
+    kept = _run(finder, prior, 0.9, notes)
+    assert notes == []
     assert np.array_equal(kept, truth)  # stable under the jittered box: the model's boundary replaces the prior
     assert dice(kept, truth) > dice(prior, truth)
 

@@ -120,8 +120,9 @@ class PriorPolicy:
         crop = "whole frame" if self.crop_margin is None else f"crop around the prior (margin {self.crop_margin:g})"
         stability = (f", prior kept for a structure whose mask moves with a {self.jitter_px:g} px wider box (3D "
                      f"Dice below {self.min_stability:g})" if self.min_stability > 0 else "")
-        return (f"model stage from the prior: {crop}, box margin {self.box_margin:g} model-input px{stability}, "
-                f"prior kept on slices where the model agrees with it below Dice {self.min_agreement:g}"
+        choice = (f", prior kept on slices where the model agrees with it below Dice {self.min_agreement:g}"
+                  if self.min_agreement > 0 else "")
+        return (f"model stage from the prior: {crop}, box margin {self.box_margin:g} model-input px{stability}{choice}"
                 + (", prior as mask input" if self.mask_prompt else ""))
 
 

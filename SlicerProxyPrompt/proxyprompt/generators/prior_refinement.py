@@ -186,6 +186,10 @@ def run_with_prior(model, frames: SliceStack, plan: PromptPlan, policy: PriorPol
     unstable = unstable_structures(model, run, plan, policy, margin, probabilities, seeded)
     if unstable:
         probabilities = run(_prior_as_seeds(plan, unstable), margin)
+        # the clinician sees which structures are the prior's, not the model's (`--json` notes, the log)
+        plan.notes.extend(
+            f"model stage: label {value} keeps its prior (the model's mask moved with a {policy.jitter_px:g} px wider "
+            f"box: 3D Dice {score:.2f} < {policy.min_stability:g})" for value, score in sorted(unstable.items()))
     for value, prompt in plan.objects.items():
         if prompt.prior is None or value not in probabilities or value in unstable:
             continue
