@@ -30,6 +30,7 @@ from ..options import Options, option
 from ..progress import check_cancel, report
 from .base import Generator, register_generator
 from .checkpoints import TrainedWeights, TrainingJob, find_generator_checkpoint, load_generator_checkpoint
+from .registration import RegistrationGenerator
 
 log = logging.getLogger("proxyprompt")
 
@@ -249,8 +250,6 @@ class ProxyPromptGenerator(Generator):
         extent well (registration alone: 0.79 mean Dice on the hippocampus)."""
         if options.slice_range == "all":
             return {}
-        from .registration import RegistrationGenerator
-
         prior = RegistrationGenerator.plan_with_method(context, None)
         last_frame = context.target_frames.num_slices - 1
         ranges = {}
