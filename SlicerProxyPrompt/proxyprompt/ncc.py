@@ -60,6 +60,27 @@ def _box_sums(values: np.ndarray, fixed_shape, out_shape) -> np.ndarray:
     return result
 
 
+class NccTemplate:
+    """A rectangular template prepared for searches over several images: its centred values, its norm and the
+    conjugate FFT of the centred values per image shape (cached), so searching the same template over many
+    equally shaped images (one per target slice) transforms it once. Bit-identical to passing the array."""
+
+    def __init__(self, template: np.ndarray) -> None:
+        values = np.asarray(template, dtype=np.float64)
+        self.shape = values.shape
+        self.size = values.size
+        self.centred = values - values.mean()
+        self.norm = float(np.sqrt((self.centred ** 2).sum()))
+        self._spectra = {}
+
+    def conj_spectrum(self, shape) -> np.ndarray:
+        shape = tuple(shape)
+        if shape not in self._spectra:
+            axes = tuple(range(len(shape)))
+            self._spectra[shape] = np.conj(np.fft.rfftn(self.centred, s=shape, axes=axes))
+        return self._spectra[shape]
+
+
 class NccImage:
     """An image prepared for NCC template searches: its FFTs (cached per size) and cumulative-sum tables.
 
@@ -109,7 +130,7 @@ class NccImage:
             sums.append(total)
         return sums
 
-    def search(self, template: np.ndarray, mask: Optional[np.ndarray] = None, min_overlap: float = 0.0,
+    def search(self, template, mask: Optional[np.ndarray] = None, min_overlap: float = 0.0,
                contrast_floor: float = 0.0) -> np.ndarray:
         """NCC of `template` at every translation (see the module docstring).
 
@@ -118,19 +139,21 @@ class NccImage:
         the image is flat. Mask given (binary, template-sized): [image + template - 1] map, index u <-> template
         voxel x on image voxel x + u - (template shape - 1)."""
         if mask is None:
-            return self._rectangular(np.asarray(template, dtype=np.float64), contrast_floor)
+            prepared = template if isinstance(template, NccTemplate) else NccTemplate(template)
+            return self._rectangular(prepared, contrast_floor)
+        if isinstance(template, NccTemplate):
+            raise ValueError("a masked search takes the template array, not an NccTemplate")
         return self._masked(template, mask, min_overlap)
 
-    def _rectangular(self, template: np.ndarray, contrast_floor: float) -> np.ndarray:
+    def _rectangular(self, template: NccTemplate, contrast_floor: float) -> np.ndarray:
         shape = self.image.shape
         valid = tuple(f - t + 1 for f, t in zip(shape, template.shape))
-        centred = template - template.mean()
-        norm = float(np.sqrt((centred ** 2).sum()))
+        norm = template.norm
         if norm < 1e-9 or min(valid) < 1 or self.variance < 1e-12:  # no contrast: nothing matches
             return np.full(tuple(max(v, 0) for v in valid), -1.0)
         axes = tuple(range(len(shape)))
         image_hat = self._fft()
-        correlation = np.fft.irfftn(image_hat * np.conj(np.fft.rfftn(centred, s=shape, axes=axes)), s=shape,
+        correlation = np.fft.irfftn(image_hat * template.conj_spectrum(shape), s=shape,
                                     axes=axes)[tuple(slice(0, v) for v in valid)]
         count = template.size
         sum1, sum2 = self._window_sums(template.shape)

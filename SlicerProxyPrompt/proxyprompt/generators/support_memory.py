@@ -50,7 +50,7 @@ from ..errors import InputError
 from ..options import REGISTRATION_METHODS, Options, option
 from ..progress import check_cancel, report
 from ..frames import SliceStack, bounding_box, make_slice_stack
-from ..ncc import NccImage
+from ..ncc import NccImage, NccTemplate
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, SupportSlice, register_generator
 from .propagation import top_k_support
 
@@ -196,7 +196,7 @@ class _NccTarget:
         self.image = np.asarray(image, dtype=np.float64)
         self._search = NccImage(self.image)
 
-    def centre_map(self, template: np.ndarray, half: Tuple[int, int]) -> np.ndarray:
+    def centre_map(self, template, half: Tuple[int, int]) -> np.ndarray:
         """NCC of the template for each position of its centre pixel [H, W]; -1 where it does not fit or
         where the window has (almost) no contrast (5 % of the slice's variance)."""
         out = np.full(self.image.shape, -1.0)
@@ -232,7 +232,9 @@ def global_alignment(supports: List[SupportSlice], targets: List["_NccTarget"], 
     for step, (angle, scale) in enumerate(steps):
         check_cancel(cancel)
         report(progress, "align", step, len(steps))
-        templates = [_template(s, centre, angle, scale, spacing, shape, margin_mm) for s in supports]
+        # each template is searched over every target slice: its FFT is taken once (NccTemplate)
+        templates = [(NccTemplate(template), half) for template, half in
+                     (_template(s, centre, angle, scale, spacing, shape, margin_mm) for s in supports)]
         total = np.zeros(shape)
         for target in targets:
             best_here = np.full(shape, -1.0)
