@@ -148,7 +148,7 @@ def test_model_attends_the_support_slices_the_plan_names(engine, five):
     plan = PromptPlan(objects={3: ObjectPrompt(label=3, masks={2: labels[2] == 3})}, support=support,
                       support_attention=attention, start_frame=2)
     seen = []
-    model.propagate(frames, plan, progress=lambda event: seen.append(model.predictor._active_selection))
+    model.propagate(frames, plan, progress=lambda event: seen.append(getattr(model.predictor, "_active_selection", None)))
     offset = len(support)
     assert seen and seen[-1] == {offset + f: {f % 2, offset + 2} for f in range(5)}
     plan.support_attention = {0: (2,)}
@@ -268,6 +268,46 @@ def test_batched_objects_equal_per_object_path(engine, five):
             per_object, batched = outputs[False][run][value], outputs[True][run][value]
             assert np.abs(per_object - batched).max() < 1e-4
             assert np.array_equal(per_object > 0.5, batched > 0.5)
+
+
+def test_support_frames_batched_over_objects_equal_per_object_path(engine, five):
+    """Support slices enter the run as conditioning frames of every object in ONE decoder + memory-encoder call
+    per slice (`_add_support_frames`); the result equals sam2's per-object `add_new_mask` + preflight path within
+    float tolerance, including a support slice that lacks one of the labels, and with fewer model calls."""
+    from proxyprompt.contract import SupportSlice
+
+    frames, labels = five
+    model = engine.model
+    support = [SupportSlice(frames.images[i], {v: labels[i] == v for v in (1, 2, 3) if (labels[i] == v).any()},
+                            i / 4, i) for i in (0, 2, 4)]
+    support[1].masks.pop(2, None)  # a support slice without the myocardium
+    plan = PromptPlan(objects={v: ObjectPrompt(label=v) for v in (1, 2, 3)}, support=support,
+                      support_attention={f: (0, 1, 2) for f in range(5)}, start_frame=0)
+    calls = {"decoder": 0}
+    original = model.predictor._forward_sam_heads
+
+    def counted(*args, **kwargs):
+        calls["decoder"] += 1
+        return original(*args, **kwargs)
+
+    outputs, decoder_calls = {}, {}
+    model.predictor._forward_sam_heads = counted
+    try:
+        for batched in (False, True):
+            model.batch_objects = batched
+            model._incremental = None
+            calls["decoder"] = 0
+            outputs[batched] = model.propagate(frames, plan)
+            decoder_calls[batched] = calls["decoder"]
+    finally:
+        model.batch_objects = True
+        model._incremental = None
+        del model.predictor._forward_sam_heads
+    for value in (1, 2, 3):
+        assert np.abs(outputs[False][value] - outputs[True][value]).max() < 1e-4
+        assert np.array_equal(outputs[False][value] > 0.5, outputs[True][value] > 0.5)
+    # per object: 3 supports x 3 objects + 5 frames x 3 objects; batched: 3 supports + 5 frames
+    assert decoder_calls == {False: 24, True: 8}
 
 
 def test_bf16_autocast_matches_fp32(engine, five):

@@ -628,11 +628,14 @@ class Sam2Model(SliceModel):
                 blocks = ([support_features] if support_features is not None else []) + [target_features]
                 images = np.concatenate([support_images, frames.images]) if support else frames.images
                 state = predictor.init_state_from_features(blocks, images, height, width)
+                support_masks = {value: [self._support_mask(s, value, height, width) for s in support]
+                                 for value in active}
+                if self.batch_objects and support:
+                    self._add_support_frames(state, active, support_masks)
                 for value in active:
-                    for index, slice_ in enumerate(support):
-                        mask = slice_.masks.get(value)
-                        mask = np.zeros((height, width), bool) if mask is None else _fit(mask.astype(np.uint8), height, width, 0) > 0
-                        predictor.add_new_mask(state, index, value, torch.from_numpy(np.ascontiguousarray(mask)))
+                    if not self.batch_objects:
+                        for index, mask in enumerate(support_masks[value]):
+                            predictor.add_new_mask(state, index, value, torch.from_numpy(mask))
                     for frame, (kind, payload) in sorted(conditioning[value].items()):
                         video_frame = offset + frame
                         if kind == "mask":
@@ -715,6 +718,49 @@ class Sam2Model(SliceModel):
                     order.append(f)
                 backward.append((order, True))
         return forward + backward[::-1]
+
+    @staticmethod
+    def _support_mask(support_slice, value: int, height: int, width: int) -> np.ndarray:
+        """[H, W] bool: the support slice's mask of `value` on the target's grid (empty when it has none)."""
+        mask = support_slice.masks.get(value)
+        if mask is None:
+            return np.zeros((height, width), bool)
+        return np.ascontiguousarray(_fit(mask.astype(np.uint8), height, width, 0) > 0)
+
+    def _add_support_frames(self, state, active: Sequence[int], support_masks: Dict[int, List[np.ndarray]]) -> None:
+        """Every support slice as an initial conditioning frame of every object, the objects of a slice as ONE
+        batch: what `add_new_mask` per object + `propagate_in_video_preflight` compute (the mask resized to the
+        model's input as `add_new_mask` does, SAM heads for the object pointer, the memory encoder on the output
+        upsampled as the preflight does, `is_mask_from_pts=True`), with one decoder and one memory-encoder call
+        per slice instead of one per object, and without `add_new_mask`'s video-resolution output, which nothing
+        reads. Equal to the per-object path within float tolerance (`batch_objects = False` runs that path).
+        Objects are registered in `active` order, as the per-object path registers them."""
+        torch = _torch()
+        predictor = self.predictor
+        size = predictor.image_size
+        device = state["device"]
+        obj_indices = [predictor._obj_id_to_idx(state, value) for value in active]
+        for index in range(len(next(iter(support_masks.values())))):
+            # add_new_mask's rule: bilinear + antialias to the model's input, then >= 0.5
+            masks = torch.stack([torch.from_numpy(support_masks[value][index]) for value in active])[:, None]
+            mask_inputs = torch.nn.functional.interpolate(masks.float().to(device), size=(size, size),
+                                                          align_corners=False, mode="bilinear", antialias=True)
+            mask_inputs = (mask_inputs >= 0.5).float()
+            out, _ = predictor._run_single_frame_inference(
+                inference_state=state, output_dict=state["output_dict_per_obj"][obj_indices[0]], frame_idx=index,
+                batch_size=len(active), is_init_cond_frame=True, point_inputs=None, mask_inputs=mask_inputs,
+                reverse=False, run_mem_encoder=False)
+            high_res_masks = torch.nn.functional.interpolate(out["pred_masks"].to(device), size=(size, size),
+                                                             mode="bilinear", align_corners=False)
+            maskmem_features, maskmem_pos_enc = predictor._run_memory_encoder(
+                inference_state=state, frame_idx=index, batch_size=len(active), high_res_masks=high_res_masks,
+                object_score_logits=out["object_score_logits"], is_mask_from_pts=True)
+            out["maskmem_features"], out["maskmem_pos_enc"] = maskmem_features, maskmem_pos_enc
+            for row, obj_idx in enumerate(obj_indices):
+                state["mask_inputs_per_obj"][obj_idx][index] = mask_inputs[row : row + 1]
+                state["output_dict_per_obj"][obj_idx]["cond_frame_outputs"][index] = {
+                    key: (None if value is None else [v[row : row + 1] for v in value] if isinstance(value, list)
+                          else value[row : row + 1]) for key, value in out.items()}
 
     @staticmethod
     def _collect(state, offset: int, count: int, height: int, width: int, results) -> None:
