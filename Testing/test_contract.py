@@ -348,3 +348,23 @@ def test_plan_field_a_real_model_cannot_execute_is_named(small_pair, engines):
     reference, target = small_pair
     with pytest.raises(InputError, match="plan field 'points' of generator 'contract-points'.*model 'litemedsam'"):
         engines("litemedsam").segment([reference], target, generator="contract-points", labels=[3])
+
+
+# --- the "auto" generator policy ----------------------------------------------------------------------------
+def test_auto_generator_is_one_policy_for_engine_and_front_ends():
+    """One rule (`options.default_generator`) decides "auto" for the engine, the CLI / Slicer service and every
+    model: registration without a model and with a memory-less SAM-family model (measured: support-memory's 2D
+    alignment lost 0.4 mean Dice on the hippocampus), support-memory with SAM 2 (memory)."""
+    from proxyprompt.models.registry import get_model_spec
+    from proxyprompt.options import default_generator
+    from proxyprompt.pipeline import Engine
+    from proxyprompt.service import resolve_model_choice
+
+    expected = {"none": "registration", "litemedsam": "registration", "sam_vit_b": "registration",
+                "random_sam_vit_b": "registration", "sam2.1_hiera_tiny": "support-memory",
+                "random": "support-memory"}
+    for model, generator in expected.items():
+        assert default_generator(get_model_spec(model).family) == generator
+        assert resolve_model_choice(model, "auto") == (model, generator)
+        assert resolve_model_choice(model, "warp") == (model, "warp")  # an explicit choice is kept
+    assert Engine(model="none").default_generator() == "registration"

@@ -11,7 +11,7 @@ Configurations, alternated A B A B ... for `--pairs` pairs (medians and the per-
   B = ours: `proxyprompt segment --model random --image-size S` (default generator: support-memory).
 * Second target from the same reference (SAM 2, largest size): target patient030_ED (same in-plane grid as
   patient001_ED) with an empty feature cache (A) vs after patient001_ED has filled it (B).
-* The default LiteMedSAM path (real weights): `proxyprompt segment` on ACDC (patient002_ED -> patient001_ED) and
+* The default LiteMedSAM path (real weights; generator auto, `options.default_generator`): `proxyprompt segment` on ACDC (patient002_ED -> patient001_ED) and
   hippocampus (hippocampus_003 -> hippocampus_001, 35 slices); B only, or A = `--baseline TREE` (another checkout's
   engine, e.g. main before this change) alternated with B.
 
@@ -251,7 +251,8 @@ def report(rows, args, command: str) -> str:
         "JPEG folder + stock `SAM2VideoPredictor` with one ground-truth mask per structure on the middle slice, "
         "propagated both ways; ours = `proxyprompt segment --model random --image-size S` (support-memory from the "
         f"reference {ACDC_REFERENCE}). LiteMedSAM rows: `proxyprompt segment` with its defaults (model auto = "
-        "LiteMedSAM, real weights; generator support-memory).",
+        "LiteMedSAM, real weights; generator auto = registration, its prior refined by the model where stable; it "
+        "was support-memory before session 8: `options.default_generator`).",
         "",
         f"Command: `{command}`",
         "",

@@ -110,6 +110,21 @@ class TrainingOptions(Options):
     seed: int = option(0, "random seed of the training episodes and initial weights", int, minimum=0)
 
 
+def default_generator(model_family: str) -> str:
+    """The generator measured best with a model family: the engine's and every front end's "auto".
+
+    * no model: registration, the only generator that gives a segmentation without one;
+    * a memory-less SAM-family model (LiteMedSAM, SAM ViT): registration, its prior refined by the model where the
+      model is stable (`generators.prior_refinement`). Measured on both shared anatomies with LiteMedSAM
+      (docs/benchmarks.md, "Each generator with LiteMedSAM"): on the hippocampus support-memory's 2D slice
+      alignment gave 0.39 mean Dice against 0.80 (selection pairs); on ACDC ED the two were on par;
+    * SAM 2 (memory): support-memory, reference slices as conditioning memory (SAM2-SGP's form). Its accuracy
+      cannot be measured here (no SAM 2 weights): the design's choice, not a measurement."""
+    if model_family in ("sam2", "random"):
+        return "support-memory"
+    return "registration"
+
+
 def default_fusion_top_k(top_k: Optional[int], references: int) -> Optional[int]:
     """Fuse the 3 references whose warped labels agree best when more than 3 are given (docs/benchmarks.md:
     ACDC ED, best 3 of 19 references 0.788 vs 0.615 for one)."""

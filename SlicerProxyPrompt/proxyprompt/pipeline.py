@@ -27,7 +27,7 @@ import numpy as np
 
 from .contract import Corrections, PromptPlan, ReferenceCase, check_plan
 from .errors import InputError
-from .options import EngineOptions, default_fusion_top_k
+from .options import EngineOptions, default_fusion_top_k, default_generator
 from .progress import ProgressCallback, check_cancel
 from .frames import SliceStack, make_slice_stack
 from .generators.base import GeneratorContext, get_generator
@@ -145,7 +145,7 @@ class Engine:
         return self.model_spec.name
 
     def default_generator(self) -> str:
-        return "registration" if self.model is None else "support-memory"
+        return default_generator(self.model_spec.family if self.model is not None else "none")
 
     def _frames(self, target_image: Volume, axis: Optional[int]) -> SliceStack:
         key = (id(target_image), axis)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .errors import InputError
-from .options import EngineOptions
+from .options import EngineOptions, default_generator
 from .progress import ProgressCallback, check_cancel, report
 from .quality import LOW_QUALITY_PREFIX
 
@@ -81,14 +81,10 @@ class SegmentRequest:
 
 # --- policy -------------------------------------------------------------------------------------
 def default_generator_for(model: str) -> str:
-    """The generator measured best with a model (docs/benchmarks.md)."""
+    """The generator measured best with a model (`options.default_generator`, by the model's family)."""
     from .models.registry import get_model_spec
 
-    # With a model, support-memory (reference slices as memory / aligned prompts; the registration prior when no
-    # slice aligns): ACDC, LiteMedSAM, 80 cross-patient pairs, on par with the registration prior as prompts (mean
-    # Dice 0.539 vs 0.530; 0.484 vs 0.501 on the 40 pairs that chose no setting, docs/benchmarks.md), and the form
-    # SAM 2's memory takes. Without a model, registration is the only generator that gives a segmentation.
-    return "registration" if get_model_spec(model).family == "none" else "support-memory"
+    return default_generator(get_model_spec(model).family)
 
 
 def resolve_model_choice(model: Optional[str], generator: Optional[str]) -> Tuple[str, str]:
