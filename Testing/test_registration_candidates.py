@@ -15,7 +15,7 @@ from proxyprompt.metrics import dice
 from proxyprompt.pipeline import Engine
 from proxyprompt.quality import LOW_QUALITY, LOW_QUALITY_PREFIX, quality_warnings, structure_quality
 from proxyprompt.registration_candidates import (
-    MAX_VOLUME_CHANGE, build_candidates, choose_candidate, linear_volume_change, register_robust,
+    MAX_VOLUME_CHANGE, build_candidates, choose_candidate, describe_choice, linear_volume_change, register_robust,
 )
 from proxyprompt.volume import read_image, read_label, write_label
 
@@ -103,6 +103,8 @@ def test_choice_skips_an_implausible_change_of_volume_unless_every_candidate_has
         {"name": "c", "ncc_own": 0.4, "agreement": 0.5, "volume_change": 0.05},
     ]
     assert choose_candidate(evidence) == 0
+    notes = describe_choice({"candidates": evidence, "chosen_candidate": "a"})
+    assert notes.count("implausible") == 2 and "volume change 0.08 implausible" in notes, notes
     assert choose_candidate([dict(e, volume_change=-1.0) for e in evidence]) == 1  # a mirror is implausible too
     assert choose_candidate([dict(e, volume_change=MAX_VOLUME_CHANGE * 2) for e in evidence]) == 1
 

@@ -317,8 +317,11 @@ def conclude(target_image: Volume, built: Sequence[Candidate], evidence: Sequenc
 
 
 def describe_choice(info: dict) -> str:
-    """One line for the notes: which candidate was kept, the evidence for each, the intensity stage's fate."""
-    parts = [f"{e['name']} (NCC {e['ncc_own']:.3f}, agreement {e['agreement']:.3f})" for e in info["candidates"]]
+    """One line for the notes: which candidate was kept, the evidence for each (a volume change out of bounds
+    marked implausible), the intensity stage's fate."""
+    parts = [f"{e['name']} (NCC {e['ncc_own']:.3f}, agreement {e['agreement']:.3f}, volume change "
+             f"{e['volume_change']:.2f}{'' if plausible_volume_change(e) else ' implausible'})"
+             for e in info["candidates"]]
     text = f"registration kept {info['chosen_candidate']} of " + ", ".join(parts)
     if "intensity_kept" in info:
         separability = max(info["separability"].values(), default=0.0)
