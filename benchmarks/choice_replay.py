@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,8 +40,8 @@ DOC = REPO / "docs" / "benchmarks.md"
 def gated_dice(row: dict, name: str) -> float:
     """Mean true Dice of candidate `name` after the intensity gate of `registration_candidates.conclude`."""
     separability = round(max(row["separability"][name].values()), SCORE_DECIMALS)
-    dice = row["candidate_dice_em"][name] if separability >= INTENSITY_MIN_SEPARABILITY else row["candidate_dice"][name]
-    return float(np.mean(dice))
+    refined = separability >= INTENSITY_MIN_SEPARABILITY
+    return float(np.mean(row["candidate_dice_em"][name] if refined else row["candidate_dice"][name]))
 
 
 def without_bound(evidence):
@@ -48,17 +49,35 @@ def without_bound(evidence):
     return [dict(e, volume_change=1.0) for e in evidence]
 
 
+class PairReplay(NamedTuple):
+    """One pair's mean Dice per row of the table, and the candidates kept with and without the bound."""
+    target: str
+    reference: str
+    previous: float       # locate-first + intensity EM
+    textbook: float       # geometry-centred candidate alone
+    unbounded: float      # the choice without the volume bound, + gated EM
+    default: float        # `choose_candidate`, + gated EM
+    chosen: str
+    chosen_unbounded: str
+
+    @property
+    def pair(self) -> str:
+        return f"{self.target}<-{self.reference}"
+
+
+DICE_ROWS = slice(2, 6)  # previous, textbook, unbounded, default
+
+
 def replay(rows):
-    """Per pair: (target, reference, previous default, textbook, choice without the bound, default, chosen,
-    chosen without the bound)."""
+    """Per pair of `oneshot.py` JSON rows, its `PairReplay`."""
     out = []
     for row in rows:
         evidence = row["evidence"]
         chosen = evidence[choose_candidate(evidence)]["name"]
         unbounded = evidence[choose_candidate(without_bound(evidence))]["name"]
-        out.append((row["target"], row["reference"], float(np.mean(row["candidate_dice_em"]["locate"])),
-                    float(np.mean(row["candidate_dice"]["geometry"])), gated_dice(row, unbounded),
-                    gated_dice(row, chosen), chosen, unbounded))
+        out.append(PairReplay(row["target"], row["reference"], float(np.mean(row["candidate_dice_em"]["locate"])),
+                              float(np.mean(row["candidate_dice"]["geometry"])), gated_dice(row, unbounded),
+                              gated_dice(row, chosen), chosen, unbounded))
     return out
 
 
@@ -71,8 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    lines = ["| pairs | n | previous default (locate-first + EM) | textbook | choice without the volume bound + gated EM "
-             "| **default** (bounded choice + gated EM) | default below / above previous by > "
+    lines = ["| pairs | n | previous default (locate-first + EM) | textbook | choice without the volume bound + "
+             "gated EM | **default** (bounded choice + gated EM) | default below / above previous by > "
              f"{args.margin} | worst pair vs previous |", "|---|---|---|---|---|---|---|---|"]
     details = []
     all_rows = {}
@@ -80,22 +99,26 @@ def main(argv=None) -> int:
         name, path = item.split("=", 1)
         rows = replay(json.loads(Path(path).read_text()))
         all_rows[name] = rows
-        table = np.asarray([r[2:6] for r in rows])
+        table = np.asarray([r[DICE_ROWS] for r in rows])
         gain = table[:, 3] - table[:, 0]
         worst = int(np.argmin(gain))
         lines.append(f"| {name} | {len(rows)} | {table[:, 0].mean():.3f} | {table[:, 1].mean():.3f} | "
-                     f"{table[:, 2].mean():.3f} | **{table[:, 3].mean():.3f}** | {int((gain < -args.margin).sum())} / "
-                     f"{int((gain > args.margin).sum())} | {gain[worst]:+.3f} ({rows[worst][0]}<-{rows[worst][1]}) |")
-        changed = [f"{r[0]}<-{r[1]} {r[7]} {r[4]:.3f} -> {r[6]} {r[5]:.3f}" for r in rows if r[6] != r[7]]
-        below = [f"{r[0]}<-{r[1]} ({r[6]} {r[5]:.3f} vs {r[2]:.3f})" for r, g in zip(rows, gain) if g < -args.margin]
-        details.append(f"- {name}: the bound changed {len(changed)} choice(s){': ' + '; '.join(changed) if changed else ''}"
-                       f". Below the previous default by > {args.margin}: {'; '.join(below) if below else 'none'}.")
+                     f"{table[:, 2].mean():.3f} | **{table[:, 3].mean():.3f}** | "
+                     f"{int((gain < -args.margin).sum())} / {int((gain > args.margin).sum())} | "
+                     f"{gain[worst]:+.3f} ({rows[worst].pair}) |")
+        changed = [f"{r.pair} {r.chosen_unbounded} {r.unbounded:.3f} -> {r.chosen} {r.default:.3f}" for r in rows
+                   if r.chosen != r.chosen_unbounded]
+        below = [f"{r.pair} ({r.chosen} {r.default:.3f} vs {r.previous:.3f})" for r, g in zip(rows, gain)
+                 if g < -args.margin]
+        details.append(f"- {name}: the bound changed {len(changed)} choice(s)"
+                       f"{': ' + '; '.join(changed) if changed else ''}. Below the previous default by > "
+                       f"{args.margin}: {'; '.join(below) if below else 'none'}.")
     if args.pool:
-        pooled = np.asarray([r[2:6] for name, rows in all_rows.items() if args.pool in name for r in rows])
+        pooled = np.asarray([r[DICE_ROWS] for name, rows in all_rows.items() if args.pool in name for r in rows])
         gain = pooled[:, 3] - pooled[:, 0]
-        lines.append(f"| all {args.pool} above | {len(pooled)} | {pooled[:, 0].mean():.3f} | {pooled[:, 1].mean():.3f} | "
-                     f"{pooled[:, 2].mean():.3f} | **{pooled[:, 3].mean():.3f}** | {int((gain < -args.margin).sum())}"
-                     f" / {int((gain > args.margin).sum())} | {gain.min():+.3f} |")
+        lines.append(f"| all {args.pool} above | {len(pooled)} | {pooled[:, 0].mean():.3f} | "
+                     f"{pooled[:, 1].mean():.3f} | {pooled[:, 2].mean():.3f} | **{pooled[:, 3].mean():.3f}** | "
+                     f"{int((gain < -args.margin).sum())} / {int((gain > args.margin).sum())} | {gain.min():+.3f} |")
     command = "python benchmarks/choice_replay.py " + " ".join(f'"{r}"' for r in args.runs)
     text = (f"## Registration choice replayed on many pairs (issue 16, item 1)\n\nCommand: `{command}` (per-pair JSON "
             f"of `oneshot.py --references 1 --calibration`; the engine's `choose_candidate`, volume-change bound "
