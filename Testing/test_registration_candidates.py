@@ -14,7 +14,9 @@ from proxyprompt.generators.base import ReferenceCase
 from proxyprompt.metrics import dice
 from proxyprompt.pipeline import Engine
 from proxyprompt.quality import LOW_QUALITY, LOW_QUALITY_PREFIX, quality_warnings, structure_quality
-from proxyprompt.registration_candidates import build_candidates, choose_candidate, register_robust
+from proxyprompt.registration_candidates import (
+    MAX_VOLUME_CHANGE, build_candidates, choose_candidate, describe_choice, linear_volume_change, register_robust,
+)
 from proxyprompt.volume import read_image, read_label, write_label
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -70,13 +72,51 @@ def test_the_chosen_candidate_is_the_better_one_where_the_locate_search_fails():
     assert scores[chosen] > scores["locate"] + 0.2, scores  # the locate-first pipeline alone would have failed
 
 
+def test_the_chosen_candidate_is_the_better_one_where_both_textbook_candidates_collapse():
+    """A cardiac pair where both textbook candidates squeeze the target's stack into a slab of the reference
+    (volume change ~0.05-0.08, true Dice 0.0) and so agree with each other: agreement alone kept one of them
+    over the right locate-first result; the volume-change bound keeps the locate-first one."""
+    reference_image, reference_label, _ = _case("acdc", "patient080_ED")
+    target_image, target_label, _ = _case("acdc", "patient068_ED")
+    truth = np.asarray(target_label.array)
+    built, evidence = build_candidates(reference_image, reference_label, target_image)
+    scores = {c.name: np.mean([dice(c.label == v, truth == v) for v in (1, 2, 3)]) for c in built}
+    chosen = built[choose_candidate(evidence)].name
+    assert scores[chosen] > max(scores["geometry"], scores["moments"]) + 0.3, (scores, evidence)
+    collapsed = [e["name"] for e in evidence if not 1 / MAX_VOLUME_CHANGE <= e["volume_change"] <= MAX_VOLUME_CHANGE]
+    assert collapsed == ["geometry", "moments"], evidence
+
+
 def test_choice_prefers_agreement_and_similarity_and_breaks_ties_to_the_earlier():
     evidence = [
-        {"name": "a", "ncc_own": 0.2, "agreement": 0.3},  # an outlier: agrees with no one, matches poorly
-        {"name": "b", "ncc_own": 0.7, "agreement": 0.9},
-        {"name": "c", "ncc_own": 0.7, "agreement": 0.9},
+        {"name": "a", "ncc_own": 0.2, "agreement": 0.3, "volume_change": 1.0},  # an outlier: agrees with no one
+        {"name": "b", "ncc_own": 0.7, "agreement": 0.9, "volume_change": 1.2},
+        {"name": "c", "ncc_own": 0.7, "agreement": 0.9, "volume_change": 0.9},
     ]
     assert choose_candidate(evidence) == 1
+
+
+def test_choice_skips_an_implausible_change_of_volume_unless_every_candidate_has_one():
+    evidence = [
+        {"name": "a", "ncc_own": 0.3, "agreement": 0.3, "volume_change": 1.5},
+        {"name": "b", "ncc_own": 0.4, "agreement": 0.5, "volume_change": 0.08},  # agree with each other only
+        {"name": "c", "ncc_own": 0.4, "agreement": 0.5, "volume_change": 0.05},
+    ]
+    assert choose_candidate(evidence) == 0
+    notes = describe_choice({"candidates": evidence, "chosen_candidate": "a"})
+    assert notes.count("implausible") == 2 and "volume change 0.08 implausible" in notes, notes
+    assert choose_candidate([dict(e, volume_change=-1.0) for e in evidence]) == 1  # a mirror is implausible too
+    assert choose_candidate([dict(e, volume_change=MAX_VOLUME_CHANGE * 2) for e in evidence]) == 1
+
+
+def test_linear_volume_change_is_the_determinant_of_the_transform():
+    image = sitk.Image(20, 30, 10, sitk.sitkFloat32)
+    image.SetSpacing((1.5, 1.5, 10.0))
+    scaling = sitk.AffineTransform(3)
+    scaling.SetMatrix((2.0, 0, 0, 0, 1.5, 0, 0, 0, 0.5))
+    scaling.SetTranslation((4.0, -3.0, 7.0))
+    assert linear_volume_change(scaling, image) == pytest.approx(1.5)
+    assert linear_volume_change(sitk.AffineTransform(3), image) == pytest.approx(1.0)
 
 
 def test_quality_is_lower_for_a_wrong_reference_than_for_a_right_one():

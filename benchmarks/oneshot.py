@@ -183,6 +183,8 @@ def main(argv=None) -> int:
                              "separability": separability, "robust_dice": robust_dice,
                              "chosen": robust.info["chosen_candidate"], "intensity_kept": robust.info["intensity_kept"],
                              "truth_separability": contrast_separability(target_image, truth), "quality": quality})
+            if args.json:  # after every pair: a long run cut short keeps what it has
+                args.json.write_text(json.dumps(per_pair, default=float, indent=1))
             print(target_name, reference_name, {n: round(float(np.mean(d)), 3) for n, d in candidate_dice.items()},
                   "chosen", robust.info["chosen_candidate"], "EM run" if robust.info["intensity_kept"] else "EM skipped",
                   round(float(np.mean(robust_dice)), 3), "locate+EM", round(float(np.mean(rows[LOCATE][-1]["dice"])), 3),
@@ -225,8 +227,6 @@ def main(argv=None) -> int:
             f"contrast separability is >= {INTENSITY_MIN_SEPARABILITY}.\n\n{table}\n\n"
             f"Quality estimate: {correlation}.\n\nChoices per pair (one reference): {choice_text}.\n")
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps(per_pair, default=float, indent=1))
     if not args.no_write:
         write_section(DOC, section, text)
     return 0

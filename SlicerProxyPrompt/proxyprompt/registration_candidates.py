@@ -58,6 +58,11 @@ ROBUST_METHODS = ("deformable", "intensity")  # the methods `register_robust` ru
 # with the registered labels) is at least this. Selection pairs: hippocampus 0.38-0.52 (the stage lost Dice on
 # every one), ACDC ED 0.43-0.78 (it gained on all but 3, where it lost <= 0.01); 0.55 gave the best mean on both
 INTENSITY_MIN_SEPARABILITY = 0.55
+# a candidate whose linear stage changes volume by more than this factor (either way) is kept only when every
+# candidate does. Selection pairs: the linear stages' volume changes were 0.26-2.91 on ACDC ED and 0.85-1.84 on
+# hippocampus, and a bound of 3 or 4 changed no choice there; a held-out ACDC pair's two textbook candidates had
+# 0.05 and 0.08 (true Dice 0.0). 4 rather than 3 leaves room beside the 0.37 of a right result (Dice 0.65).
+MAX_VOLUME_CHANGE = 4.0
 
 
 @dataclass(frozen=True)
@@ -150,12 +155,24 @@ def _candidate_region(candidates: Sequence[Candidate], target: sitk.Image, margi
     return region
 
 
+def linear_volume_change(transform: sitk.Transform, image: sitk.Image) -> float:
+    """Determinant of `transform`'s (target point -> reference point) Jacobian at the centre of `image`, by finite
+    differences over 1 mm: reference volume per unit target volume (1 = no change of size; negative = a mirror)."""
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
+    origin = np.asarray(transform.TransformPoint(centre.tolist()))
+    jacobian = np.column_stack([np.asarray(transform.TransformPoint((centre + step).tolist())) - origin
+                                for step in np.eye(3)])
+    return float(np.linalg.det(jacobian))
+
+
 def candidate_evidence(candidates: Sequence[Candidate], target: sitk.Image, ref_image: sitk.Image,
-                       margin_mm: float, values: Sequence[int]) -> List[dict]:
+                       margin_mm: float, values: Sequence[int], reference_volume_mm3: float = 0.0) -> List[dict]:
     """Per candidate: NCC of target vs warped reference after its linear and its last stage, over the shared
-    region; mean label agreement (Dice) with the other candidates, overall and per label. Rounded to
-    `SCORE_DECIMALS`."""
+    region; mean label agreement (Dice) with the other candidates, overall and per label; the linear stage's
+    volume change (`linear_volume_change`) and, given the reference structures' volume, the warped structures'
+    volume over it. Rounded to `SCORE_DECIMALS`."""
     region = _candidate_region(candidates, target, margin_mm)
+    voxel_mm3 = float(np.prod(target.GetSpacing()))
     evidence = []
     for index, candidate in enumerate(candidates):
         other_labels = [other.label for j, other in enumerate(candidates) if j != index]
@@ -169,19 +186,37 @@ def candidate_evidence(candidates: Sequence[Candidate], target: sitk.Image, ref_
             "ncc": round(_masked_correlation(target, ref_image, region, candidate.transform), SCORE_DECIMALS),
             "agreement": round(float(np.mean(others)) if others else 1.0, SCORE_DECIMALS),
             "label_agreement": {v: round(a, SCORE_DECIMALS) for v, a in per_label.items()},
+            "volume_change": round(linear_volume_change(candidate.linear, target), SCORE_DECIMALS),
+            "volume_ratio": (round(float((candidate.label > 0).sum()) * voxel_mm3 / reference_volume_mm3,
+                                   SCORE_DECIMALS) if reference_volume_mm3 > 0 else None),
         })
     return evidence
 
 
+def plausible_volume_change(evidence: dict) -> bool:
+    """Whether a candidate's linear stage changes volume by at most `MAX_VOLUME_CHANGE` either way (and mirrors
+    nothing): the same structure in two subjects differs in size, not by an order of magnitude."""
+    change = evidence["volume_change"]
+    return change > 0 and 1.0 / MAX_VOLUME_CHANGE <= change <= MAX_VOLUME_CHANGE
+
+
 def choose_candidate(evidence: Sequence[dict]) -> int:
-    """Index of the candidate to keep: the highest sum of its image match in its own structure region after its
-    linear stage (``ncc_own``: the locate-first pipeline's own similarity) and its label agreement with the other
-    candidates (a candidate that agrees with none is an outlier); ties go to the earlier candidate.
+    """Index of the candidate to keep: among those whose linear stage changes volume plausibly
+    (`plausible_volume_change`; all of them when none does), the highest sum of its image match in its own
+    structure region after its linear stage (``ncc_own``: the locate-first pipeline's own similarity) and its
+    label agreement with the other candidates (a candidate that agrees with none is an outlier); ties go to the
+    earlier candidate.
 
     Chosen on 10 + 10 selection pairs (hippocampus, ACDC ED; docs/benchmarks.md) among: NCC over the union of
     the candidates' regions (+ agreement), after the linear or the last stage, own-region NCC alone, and
-    "locate-first unless beaten by a margin"; this one was best or tied on both anatomies."""
-    scores = [round(e["ncc_own"] + e["agreement"], SCORE_DECIMALS) for e in evidence]
+    "locate-first unless beaten by a margin"; this one was best or tied on both anatomies. The volume-change
+    bound then fixed a held-out ACDC pair (both textbook candidates squeezed the target ~15x into the
+    reference, agreed with each other and outvoted the right locate-first result) and changed no selection
+    pair's choice."""
+    plausible = [plausible_volume_change(e) for e in evidence]
+    eligible = plausible if any(plausible) else [True] * len(evidence)
+    scores = [round(e["ncc_own"] + e["agreement"], SCORE_DECIMALS) if ok else -np.inf
+              for e, ok in zip(evidence, eligible)]
     return int(np.argmax(scores))  # argmax returns the first of equal maxima
 
 
@@ -215,7 +250,9 @@ def build_candidates(reference_image: Volume, reference_label: Volume, target_im
         built.append(Candidate(name, linear, transform, labels_from_probabilities(probabilities, shape), probabilities,
                                seconds=time.perf_counter() - tick))
     check_cancel(cancel)
-    return built, candidate_evidence(built, target, ref_image, settings.similarity_margin_mm, values)
+    reference_volume_mm3 = float((reference_label.array > 0).sum()) * float(np.prod(reference_label.spacing))
+    return built, candidate_evidence(built, target, ref_image, settings.similarity_margin_mm, values,
+                                     reference_volume_mm3)
 
 
 def register_robust(reference_image: Volume, reference_label: Volume, target_image: Volume,
@@ -280,8 +317,11 @@ def conclude(target_image: Volume, built: Sequence[Candidate], evidence: Sequenc
 
 
 def describe_choice(info: dict) -> str:
-    """One line for the notes: which candidate was kept, the evidence for each, the intensity stage's fate."""
-    parts = [f"{e['name']} (NCC {e['ncc_own']:.3f}, agreement {e['agreement']:.3f})" for e in info["candidates"]]
+    """One line for the notes: which candidate was kept, the evidence for each (a volume change out of bounds
+    marked implausible), the intensity stage's fate."""
+    parts = [f"{e['name']} (NCC {e['ncc_own']:.3f}, agreement {e['agreement']:.3f}, volume change "
+             f"{e['volume_change']:.2f}{'' if plausible_volume_change(e) else ' implausible'})"
+             for e in info["candidates"]]
     text = f"registration kept {info['chosen_candidate']} of " + ", ".join(parts)
     if "intensity_kept" in info:
         separability = max(info["separability"].values(), default=0.0)
