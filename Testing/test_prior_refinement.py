@@ -91,3 +91,45 @@ def test_box_stability_ignores_slices_without_prior_and_seeded_ones():
     first[0] = 1.0  # a slice the prior does not hold: not counted
     assert box_stability(first, second, prior) == 1.0
     assert np.isnan(box_stability(first, second, prior, skip={1}))
+
+
+class _CropSeer:
+    """A model that draws the box it is given on whatever frames it is handed (the crop's or the whole frame's) and
+    records their size and the boxes."""
+
+    image_size = 240
+
+    def __init__(self):
+        self.shapes, self.boxes = [], []
+
+    def features(self, frames, progress=None, cancel=None, needed=None):
+        return None
+
+    def predict_slice(self, frame, box=None, mask_prior=None, frames=None, embedding=None):
+        self.shapes.append(frames.images.shape[1:])
+        self.boxes.append(np.asarray(box, dtype=float))
+        x0, y0, x1, y1 = np.round(box).astype(int)
+        mask = np.zeros(frames.images.shape[1:], np.float32)
+        mask[y0 : y1 + 1, x0 : x1 + 1] = 1.0
+        return mask, 0.9
+
+
+def test_crop_around_the_prior_gives_the_model_a_square_window_and_pastes_its_mask_back():
+    prior = np.zeros(SHAPE, np.float32)
+    prior[:, 13:22, 30:41] = 1.0  # 9 x 11 px, off centre (centre row 17, column 35)
+    frames = make_slice_stack(Volume(np.random.default_rng(0).random(SHAPE).astype(np.float32), np.eye(4)), axis=0)
+    policy = PriorPolicy(crop_margin=0.5, min_agreement=0.0, box_margin=0.0, min_stability=0.0, min_crop_px=8)
+    model = _CropSeer()
+    plan = PromptPlan(objects={1: ObjectPrompt(1, prior=prior)})
+    output = run_with_prior(model, frames, plan, policy, SliceBySlicePropagation())[1] > 0.5
+    # the window: the prior's longer side (11 px) plus half of it each side = 22 px square, centred on the prior
+    assert set(model.shapes) == {(22, 22)}
+    y0, x0 = 17 - 11, 35 - 11
+    # boxes in the window's coordinates, the same box as on the whole frame shifted by the window's corner
+    assert all(np.array_equal(box, [30 - x0, 13 - y0, 40 - x0, 21 - y0]) for box in model.boxes)
+    # pasted back where the prior is: the drawn box is the prior itself, nothing outside the window
+    assert np.array_equal(output, prior > 0.5)
+    whole = run_with_prior(_CropSeer(), frames, PromptPlan(objects={1: ObjectPrompt(1, prior=prior)}),
+                           PriorPolicy(crop_margin=None, box_margin=0.0, min_stability=0.0),
+                           SliceBySlicePropagation())[1] > 0.5
+    assert np.array_equal(whole, output)
