@@ -125,8 +125,9 @@ def compute_prior(kind: str, reference: ReferenceCase, target, labels):
     frames = make_slice_stack(target)
     context = GeneratorContext(references=[reference], target_image=target, target_frames=frames, labels=labels,
                                model=object())  # a model's prior (cleaned, deformable)
-    if kind == "registration":
-        plan = RegistrationGenerator.plan_with_method(context, "deformable")
+    if kind.startswith("registration"):  # registration: deformable (a model's default); registration-intensity:
+        # with the gated intensity EM (what the registration generator returns with model none)
+        plan = RegistrationGenerator.plan_with_method(context, "intensity" if kind.endswith("intensity") else "deformable")
     else:
         context.options = {"warp": kind.split("-", 1)[1]}
         plan = WarpGenerator().warp_prior_plan(context)
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", type=int, default=5)
     parser.add_argument("--offset", type=int, default=1)
     parser.add_argument("--prior", default="registration",
-                        choices=("registration", "warp-registration", "warp-learned"))
+                        choices=("registration", "registration-intensity", "warp-registration", "warp-learned"))
     parser.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated row names")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/proxyprompt-model-stage"))
     parser.add_argument("--registration-alone", action="store_true",
