@@ -9,7 +9,8 @@ import numpy as np
 from proxyprompt.contract import ObjectPrompt, PriorPolicy, PromptPlan
 from proxyprompt.frames import make_slice_stack
 from proxyprompt.generators.prior_refinement import box_stability, frame_box_margin, run_with_prior
-from proxyprompt.generators.propagation import SliceBySlicePropagation
+from proxyprompt.contract import ReferenceCase
+from proxyprompt.generators.propagation import SliceBySlicePropagation, reference_rings
 from proxyprompt.metrics import dice
 from proxyprompt.volume import Volume
 
@@ -133,3 +134,33 @@ def test_crop_around_the_prior_gives_the_model_a_square_window_and_pastes_its_ma
                            PriorPolicy(crop_margin=None, box_margin=0.0, min_stability=0.0),
                            SliceBySlicePropagation())[1] > 0.5
     assert np.array_equal(whole, output)
+
+
+def test_a_ring_open_in_the_prior_is_still_a_ring_when_the_reference_says_so():
+    """The myocardium of a registered prior may be open on some slices; detected on the prior it is then no ring, is
+    box-prompted like a blob and the model returns the cavity (measured on ACDC, docs/benchmarks.md). The reference's
+    closed ring (`reference_rings`, carried by the plan) keeps the ring rule: the prior's filled region minus the
+    model's cavity."""
+    cavity = np.stack([_disc((20, 24), 6)] * SHAPE[0])
+    closed = np.stack([_disc((20, 24), 10)] * SHAPE[0]) & ~cavity
+    reference_label = np.where(cavity, 3, np.where(closed, 2, 0)).astype(np.int16)
+    affine = np.diag([1.0, 1.0, 5.0, 1.0])  # thick along the array's first axis: the frames are those slices
+    reference = ReferenceCase(Volume(np.random.default_rng(1).random(SHAPE).astype(np.float32), affine),
+                              Volume(reference_label, affine), None)
+    assert reference_rings([reference]) == {2: [3]}
+    opened = closed.copy()
+    opened[:, 18:23, 24:] = False  # a gap on the right side: no hole to fill, so no ring on the prior
+    frames = make_slice_stack(Volume(np.random.default_rng(0).random(SHAPE).astype(np.float32), np.eye(4)), axis=0)
+
+    def myocardium(rings):
+        plan = PromptPlan(objects={2: ObjectPrompt(2, prior=opened.astype(np.float32)),
+                                   3: ObjectPrompt(3, prior=cavity.astype(np.float32))}, rings=rings)
+        policy = PriorPolicy(min_agreement=0.0, box_margin=0.0, min_stability=0.0)
+        # a model that finds the cavity whatever box it is given (LiteMedSAM on a myocardium's box)
+        return run_with_prior(_StandIn(cavity[0], draws_box=False), frames, plan, policy,
+                              SliceBySlicePropagation())[2] > 0.5
+
+    as_blob = myocardium(None)
+    assert np.array_equal(as_blob, cavity)  # detected on the prior: no ring, the myocardium became the cavity
+    as_ring = myocardium(reference_rings([reference]))
+    assert not (as_ring & cavity).any() and np.array_equal(as_ring, opened)

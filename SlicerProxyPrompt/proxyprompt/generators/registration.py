@@ -31,6 +31,7 @@ from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choic
 from ..sparse import prepare_reference
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
 from .prior_refinement import PriorStageOptions
+from .propagation import reference_rings
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ class RegistrationGenerator(Generator):
         )
         label_stack = context.target_frames.labels(fused)
         # the prior is what a model without a prior input cannot use; boxes and slice ranges still prompt it
-        plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels), optional_fields=("prior",))
+        plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels), optional_fields=("prior",),
+                          rings=reference_rings(context.references))  # an open registered ring is still a ring
         plan.notes.append(
             f"registration ({method}) of {len(pairs)} reference(s)"
         )
