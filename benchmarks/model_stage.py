@@ -9,7 +9,10 @@ where the prior was right (mean Dice >= 0.5) or wrong, and per row how the model
 
     python benchmarks/model_stage.py --data ../shared/data/acdc --glob '*_ED_image.nii.gz' --targets 5 --offset 1
 
-`--registration-alone` adds the registration generator with model none (its defaults) on the same pairs.
+`--registration-alone` adds the registration generator with model none (its defaults) on the same pairs;
+`--prior registration-intensity` prompts the model from that result instead (the intensity stage's labels);
+`--warp-generator registration,learned` adds the whole warp generator (its own prior and refinement rounds) with model
+none and with LiteMedSAM; `--save-labels DIR` writes every row's label volume for a per-slice look.
 """
 
 from __future__ import annotations
