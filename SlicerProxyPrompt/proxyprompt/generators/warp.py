@@ -2,8 +2,9 @@
 target, prompts extracted from the warped mask, refined over a few rounds by the model's own output.
 
 * Warp (`--warp`): `registration` = the registration generator's prior (candidates chosen by label-free evidence,
-  deformable; fused over several references as the engine says); `learned` = the chosen candidate's linear stage,
-  then the test-time-fitted displacement CNN of `proxyprompt.learned_warp` per slice pair instead of demons (several
+  deformable for a model with memory, with the intensity EM for a memory-less one and for model none; fused over
+  several references as the engine says); `learned` = the chosen candidate's linear stage, then the
+  test-time-fitted displacement CNN of `proxyprompt.learned_warp` per slice pair instead of demons (several
   references: their warped soft labels averaged).
 * Prompts per slice and structure (`--warp-prompts`, comma-separated): `box` (the warped mask's box), `points`
   (`warp_prompts.point_prompts`: prototype similarity, eroded / dilated candidates split into sub-regions; needs a
