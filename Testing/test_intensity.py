@@ -98,11 +98,18 @@ def test_largest_component_keeps_the_biggest_piece():
     assert kept.sum() == 9 and kept[2, 3:, 3:].all()
 
 
-def test_registration_generator_uses_the_intensity_stage_only_without_a_model():
+def test_registration_generator_uses_the_intensity_stage_without_a_model_and_for_a_memory_less_one():
+    from types import SimpleNamespace
+
+    from proxyprompt.contract import ModelCapabilities
     from proxyprompt.generators.registration import default_registration_method
 
     assert default_registration_method(None) == "intensity"
-    assert default_registration_method(object()) == "deformable"
+    # a memory-less model (LiteMedSAM) is prompted from the intensity stage's labels, a model with memory (SAM 2) from
+    # the deformable ones (docs/benchmarks.md, session 8)
+    assert default_registration_method(SimpleNamespace(capabilities=ModelCapabilities(memory=False))) == "intensity"
+    assert default_registration_method(SimpleNamespace(capabilities=ModelCapabilities(memory=True))) == "deformable"
+    assert default_registration_method(object()) == "deformable"  # unknown capabilities: as before
 
 
 def test_refit_recovers_slices_the_registration_left_out_along_the_thick_axis():

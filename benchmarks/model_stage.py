@@ -9,7 +9,10 @@ where the prior was right (mean Dice >= 0.5) or wrong, and per row how the model
 
     python benchmarks/model_stage.py --data ../shared/data/acdc --glob '*_ED_image.nii.gz' --targets 5 --offset 1
 
-`--registration-alone` adds the registration generator with model none (its defaults) on the same pairs.
+`--registration-alone` adds the registration generator with model none (its defaults) on the same pairs;
+`--prior registration-intensity` prompts the model from that result instead (the intensity stage's labels);
+`--warp-generator registration,learned` adds the whole warp generator (its own prior and refinement rounds) with model
+none and with LiteMedSAM; `--save-labels DIR` writes every row's label volume for a per-slice look.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ ROWS = {
     "margin 5 input px + stability 0.8 + choice 0.5": (
         {**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.8, "prior_min_agreement": 0.5}, 0),
     "margin 5 input px + 3 rounds": ({**PLAIN, "prior_box_margin": 5.0}, 3),
+    # the crop around the prior (MedSAM's practice: the structures fill the 256 px input) on top of the defaults
+    **{f"crop {c:g} + margin 5 input px + stability 0.85": (
+        {**PLAIN, "prior_crop_margin": c, "prior_box_margin": 5.0, "prior_min_stability": 0.85}, 0)
+       for c in (0.1, 0.25, 0.5)},
     "margin 5 input px + stability 0.85 + 3 rounds": (
         {**PLAIN, "prior_box_margin": 5.0, "prior_min_stability": 0.85}, 3),
 }
@@ -121,8 +128,9 @@ def compute_prior(kind: str, reference: ReferenceCase, target, labels):
     frames = make_slice_stack(target)
     context = GeneratorContext(references=[reference], target_image=target, target_frames=frames, labels=labels,
                                model=object())  # a model's prior (cleaned, deformable)
-    if kind == "registration":
-        plan = RegistrationGenerator.plan_with_method(context, "deformable")
+    if kind.startswith("registration"):  # registration: deformable (a model's default); registration-intensity:
+        # with the gated intensity EM (what the registration generator returns with model none)
+        plan = RegistrationGenerator.plan_with_method(context, "intensity" if kind.endswith("intensity") else "deformable")
     else:
         context.options = {"warp": kind.split("-", 1)[1]}
         plan = WarpGenerator().warp_prior_plan(context)
@@ -140,12 +148,19 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", type=int, default=5)
     parser.add_argument("--offset", type=int, default=1)
     parser.add_argument("--prior", default="registration",
-                        choices=("registration", "warp-registration", "warp-learned"))
+                        choices=("registration", "registration-intensity", "warp-registration", "warp-learned"))
     parser.add_argument("--rows", default=";".join(ROWS), help="semicolon-separated row names")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/proxyprompt-model-stage"))
     parser.add_argument("--registration-alone", action="store_true",
                         help="also run the registration generator with model none (its defaults) on each pair")
+    parser.add_argument("--warp-generator", default="",
+                        help="comma-separated warps (registration, learned): also run the whole warp generator on each "
+                             "pair (its own prior, not the cached one), with model none (the warp prior alone) and "
+                             "with LiteMedSAM (box prompts, the engine's refinement rounds)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--save-labels", type=Path,
+                        help="folder: write each pair's prior and each row's label volume (.npy, target's array "
+                             "order) for a per-slice look")
     parser.add_argument("--table-from", type=Path, help="only print the table of a --json file written earlier")
     args = parser.parse_args(argv)
     if args.table_from:
@@ -156,11 +171,14 @@ def main(argv=None) -> int:
                              {k: v for k, v in saved["labels"].items()}, args.prior))
         return 0
     rows = [r for r in args.rows.split(";") if r]
+    warps = [w for w in args.warp_generator.split(",") if w]
+    whole = {f"warp generator, {w}, model none": (w, "none") for w in warps}
+    whole.update({f"warp generator, {w}, LiteMedSAM": (w, "litemedsam") for w in warps})
     args.cache.mkdir(parents=True, exist_ok=True)
     names = case_names(args.data, args.glob)
     table = json.loads((args.data / "labels.json").read_text())
     engine = Engine("litemedsam")
-    alone_engine = Engine("none") if args.registration_alone else None
+    alone_engine = Engine("none") if args.registration_alone or warps else None
     results = []
     for t in range(args.first, args.first + args.targets):
         target_name, reference_name = names[t % len(names)], names[(t + args.offset) % len(names)]
@@ -180,12 +198,17 @@ def main(argv=None) -> int:
             np.save(cache, stack)
         frames = make_slice_stack(target)
         prior_volume = frames.to_volume(stack)
+        if args.save_labels:
+            args.save_labels.mkdir(parents=True, exist_ok=True)
+            np.save(args.save_labels / f"{target_name}--{reference_name}--prior.npy", np.asarray(prior_volume.array))
         entry = {"target": target_name, "reference": reference_name, "prior_seconds": prior_seconds,
                  "prior": [dice(np.asarray(prior_volume.array) == v, truth == v) for v in labels], "rows": {}}
-        if alone_engine is not None:
+        if args.registration_alone:
             tick = time.perf_counter()
             label = np.asarray(alone_engine.segment([reference], target, generator="registration",
                                                     labels=labels).label.array)
+            if args.save_labels:
+                np.save(args.save_labels / f"{target_name}--{reference_name}--registration alone.npy", label)
             entry["registration_alone"] = {"dice": [dice(label == v, truth == v) for v in labels],
                                            "seconds": time.perf_counter() - tick}
         for row in rows:
@@ -198,16 +221,28 @@ def main(argv=None) -> int:
                                     options={"warp_prompts": "box", **options},
                                     engine_options=EngineOptions(refinement_rounds=rounds))
             label = np.asarray(result.label.array)
+            if args.save_labels:
+                np.save(args.save_labels / f"{target_name}--{reference_name}--{row}.npy", label)
             entry["rows"][row] = {"dice": [dice(label == v, truth == v) for v in labels],
                                   "seconds": time.perf_counter() - tick, "rounds": result.info["refinement_rounds"]}
+        for row, (warp, model) in whole.items():
+            tick = time.perf_counter()
+            result = (engine if model == "litemedsam" else alone_engine).segment(
+                [reference], target, generator="warp", labels=labels, options={"warp": warp, "warp_prompts": "box"})
+            label = np.asarray(result.label.array)
+            if args.save_labels:
+                np.save(args.save_labels / f"{target_name}--{reference_name}--{row}.npy", label)
+            entry["rows"][row] = {"dice": [dice(label == v, truth == v) for v in labels],
+                                  "seconds": time.perf_counter() - tick,
+                                  "rounds": result.info.get("refinement_rounds")}
         results.append(entry)
         if args.json:  # after every pair: a long run stopped early keeps what it measured
             args.json.write_text(json.dumps({"labels": {str(v): table.get(str(v)) for v in labels},
                                              "pairs": results}, indent=1, default=float))
         print(target_name, reference_name, "prior", round(float(np.mean(entry["prior"])), 3),
-              "alone", round(float(np.mean(entry["registration_alone"]["dice"])), 3) if alone_engine else "-",
+              "alone", round(float(np.mean(entry["registration_alone"]["dice"])), 3) if args.registration_alone else "-",
               {r: round(float(np.mean(e["dice"])), 3) for r, e in entry["rows"].items()}, flush=True)
-    print(markdown_table(results, rows, labels, table, args.prior))
+    print(markdown_table(results, rows + list(whole), labels, table, args.prior))
     if args.json:
         args.json.write_text(json.dumps({"labels": {str(v): table.get(str(v)) for v in labels}, "pairs": results},
                                         indent=1, default=float))

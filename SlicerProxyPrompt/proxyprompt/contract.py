@@ -145,6 +145,9 @@ class PromptPlan:
     quality: Dict[int, dict] = field(default_factory=dict)
     # how a memory-less model refines the objects' priors (crop, per-slice choice); None: plain box prompts
     prior_policy: Optional[PriorPolicy] = None
+    # ring-shaped labels {ring: [labels it encloses]} as the generator knows them (from the reference's label, closed
+    # by construction); None: the slice-by-slice strategy detects them on the priors / seeds
+    rings: Optional[Dict[int, List[int]]] = None
 
     @property
     def labels(self) -> List[int]:

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..frames import bounding_box
+from ..frames import bounding_box, make_slice_stack
 from ..progress import check_cancel, report
 from .prior_refinement import run_with_prior
 
@@ -80,6 +80,24 @@ def ring_structure(masks_by_label: Dict[int, np.ndarray], min_fraction: float = 
         if inner:
             rings[int(ring)] = sorted(inner)
     return rings
+
+
+def reference_rings(references) -> Dict[int, List[int]]:
+    """Ring-shaped labels of the reference label(s) (`ring_structure` on each reference's frames; a ring kept when
+    every reference has it). An annotated ring is closed, a registered or warped one may not be: measured on ACDC
+    (docs/benchmarks.md), priors whose myocardium was open on some slices were not recognised as rings, the
+    myocardium was box-prompted as a blob and LiteMedSAM returned the cavity (myocardium 0.44 -> 0.22)."""
+    common: Optional[Dict[int, List[int]]] = None
+    for reference in references:
+        stack = make_slice_stack(reference.image).labels(reference.label)
+        values = [int(v) for v in np.unique(stack) if v]
+        rings = ring_structure({v: stack == v for v in values}) if len(values) > 1 else {}
+        if common is None:
+            common = rings
+        else:
+            common = {v: sorted(set(inner) & set(rings.get(v, ()))) for v, inner in common.items()}
+            common = {v: inner for v, inner in common.items() if inner}
+    return common or {}
 
 
 @dataclass
@@ -258,8 +276,11 @@ class SliceBySlicePropagation:
         return ring
 
     def _rings(self, plan, seeds, labels) -> Dict[int, List[int]]:
-        """Ring-shaped labels, detected on the priors when every label has one, else on the frames where
-        every label has an exact mask."""
+        """Ring-shaped labels: the plan's (`PromptPlan.rings`, from the reference) when it gives them, else detected on
+        the priors when every label has one, else on the frames where every label has an exact mask."""
+        if plan.rings is not None:
+            rings = {v: [i for i in inner if i in labels] for v, inner in plan.rings.items() if v in labels}
+            return {v: inner for v, inner in rings.items() if inner}
         if all(plan.objects[v].prior is not None for v in labels):
             masks = {v: np.asarray(plan.objects[v].prior) > 0.5 for v in labels}
         else:

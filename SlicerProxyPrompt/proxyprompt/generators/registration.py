@@ -31,14 +31,15 @@ from ..registration_candidates import CANDIDATES, ROBUST_METHODS, describe_choic
 from ..sparse import prepare_reference
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
 from .prior_refinement import PriorStageOptions
+from .propagation import reference_rings
 
 
 @dataclass(frozen=True)
 class RegistrationOptions(PriorStageOptions):
     registration_method: Optional[str] = option(
         None, "registration stages (default: intensity = several registration pipelines, the best by label-free "
-              "evidence, then the intensity EM where the target's contrast shows the structures, with --model none; "
-              "deformable = without the EM as a model's prior)", str, REGISTRATION_METHODS)
+              "evidence, then the intensity EM where the target's contrast shows the structures, with --model none and as "
+              "a memory-less model's prior (LiteMedSAM); deformable = without the EM, as a memory model's prior)", str, REGISTRATION_METHODS)
     registration_candidates: Optional[str] = option(
         None, "comma-separated registration pipelines a pair is chosen among by label-free evidence "
               f"(default: all of {','.join(CANDIDATES)}; 'locate' = the cardiac-tuned pipeline alone)", str)
@@ -72,16 +73,23 @@ def plan_from_label_stack(label_stack: np.ndarray, labels, box_margin: int = 0) 
 
 
 def default_registration_method(model) -> str:
-    """``"intensity"`` when the registered label is the result (model None), ``"deformable"`` as a model's prior.
+    """``"intensity"`` when the registered label is the result (model None) and as the prior of a memory-less model
+    (LiteMedSAM, SAM ViT: the model stage of `prior_refinement`); ``"deformable"`` as the prior of a model with memory
+    (SAM 2: not measured with real weights, unchanged).
 
     Measured (ACDC, LiteMedSAM): before the EM's slice-axis re-fit, on 16 pairs, the intensity stage improved the
     label itself (model none: mean Dice 0.468 -> 0.503) but a model prompted from it did worse than from the demons
     labels (0.538 -> 0.488). With the re-fit, on the 40 + 40 pairs of benchmarks/accuracy.py (offsets 1 and 2), the
-    two priors give LiteMedSAM the same: demons 0.559 / 0.501 (the benchmark's rows), intensity 0.560 / 0.495 (a
-    one-off run of the same pairs, `Engine("litemedsam").segment(..., generator="registration",
-    options={"registration_method": "intensity"})`), so the faster one stays.
+    two priors gave LiteMedSAM the same (demons 0.559 / 0.501, intensity 0.560 / 0.495), so the faster one stayed.
+    With the model stage's box margin in model-input pixels, its stability check and the rings taken from the
+    reference (session 8, docs/benchmarks.md), on the 4 ACDC ED selection pairs: intensity 0.815 vs deformable 0.777
+    (registration alone 0.732); before the rings came from the reference the intensity prior's open myocardium sank
+    two of them (0.708). Hippocampus: the two priors are bit-identical on all 7 pairs measured (the EM's gate).
     """
-    return "intensity" if model is None else "deformable"
+    if model is None:
+        return "intensity"
+    memory = getattr(getattr(model, "capabilities", None), "memory", True)
+    return "deformable" if memory else "intensity"
 
 
 @register_generator
@@ -131,7 +139,8 @@ class RegistrationGenerator(Generator):
         )
         label_stack = context.target_frames.labels(fused)
         # the prior is what a model without a prior input cannot use; boxes and slice ranges still prompt it
-        plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels), optional_fields=("prior",))
+        plan = PromptPlan(objects=plan_from_label_stack(label_stack, context.labels), optional_fields=("prior",),
+                          rings=reference_rings(context.references))  # an open registered ring is still a ring
         plan.notes.append(
             f"registration ({method}) of {len(pairs)} reference(s)"
         )

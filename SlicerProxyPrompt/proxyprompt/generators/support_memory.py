@@ -134,8 +134,8 @@ class SupportMemoryOptions(Options):
                                                          "pair the prompts come from registration (above 1: "
                                                          "always)", float)
     registration_method: Optional[str] = option(
-        None, "registration stages (default: intensity = locate, affine, demons, intensity EM with --model none; "
-              "deformable = without the EM as a model's prior)", str, REGISTRATION_METHODS)
+        None, "registration stages (default: intensity = locate, affine, demons, intensity EM with --model none and "
+              "as a memory-less model's prior; deformable = without the EM, as a memory model's prior)", str, REGISTRATION_METHODS)
 
 
 # --- 2D alignment of reference slices onto target slices (SAM-family path) ---------------------------------

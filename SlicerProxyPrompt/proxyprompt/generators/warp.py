@@ -2,8 +2,9 @@
 target, prompts extracted from the warped mask, refined over a few rounds by the model's own output.
 
 * Warp (`--warp`): `registration` = the registration generator's prior (candidates chosen by label-free evidence,
-  deformable; fused over several references as the engine says); `learned` = the chosen candidate's linear stage,
-  then the test-time-fitted displacement CNN of `proxyprompt.learned_warp` per slice pair instead of demons (several
+  deformable for a model with memory, with the intensity EM for a memory-less one and for model none; fused over
+  several references as the engine says); `learned` = the chosen candidate's linear stage, then the
+  test-time-fitted displacement CNN of `proxyprompt.learned_warp` per slice pair instead of demons (several
   references: their warped soft labels averaged).
 * Prompts per slice and structure (`--warp-prompts`, comma-separated): `box` (the warped mask's box), `points`
   (`warp_prompts.point_prompts`: prototype similarity, eroded / dilated candidates split into sub-regions; needs a
@@ -38,6 +39,7 @@ from ..registration import fixed_threads, labels_from_probabilities
 from ..registration_candidates import CANDIDATES, build_candidates, choose_candidate
 from .base import Generator, GeneratorContext, ObjectPrompt, PromptPlan, register_generator
 from .prior_refinement import PriorStageOptions
+from .propagation import reference_rings
 from .registration import RegistrationGenerator, default_registration_method
 from .warp_prompts import point_prompts, similarity_maps
 
@@ -261,6 +263,8 @@ class WarpGenerator(Generator):
         options = self.options_of(context)
         self._learned, self._previous, self._conditioning = [], None, {}
         plan = self.warp_prior_plan(context)
+        if plan.rings is None:  # the rings the reference's label has (a warped ring may be open)
+            plan.rings = reference_rings(context.references)
         plan.notes.append(f"warp: {options.warp}; prompts: {', '.join(options.prompt_kinds())}")
         return self._prompts(context, options, plan, None)
 
@@ -281,6 +285,7 @@ class WarpGenerator(Generator):
             new_plan = PromptPlan(objects={v: ObjectPrompt(label=v, prior=masks[v].astype(np.float32))
                                            for v in masks}, optional_fields=("prior",))
         new_plan.quality = plan.quality
+        new_plan.rings = plan.rings
         new_plan.notes.append(f"round {context.refinement_round}: prompts from the model's output")
         refined = self._prompts(context, options, new_plan, masks)
         if refined.prior_policy is not None:
