@@ -5,7 +5,8 @@ Per target slice and structure: (i) the `reference_top_k` reference slices holdi
 embeddings are closest to the target slice's are selected; the network (`proxy_prompt_net.ProxyPromptNet`: selective
 maps + Vision Mamba, dual-reverse cross-attention) turns them and the target's features into N sparse prompt tokens
 and a dense prompt. Only the slices of each structure's registered slice range (+- `slice_range_margin`) are
-prompted, and the output is bounded to it (`slice_range` 'all': every slice). A model without memory (LiteMedSAM,
+prompted, and the output is bounded to it (`slice_range` 'all': every slice). A network trained with `prior_map`
+'registration' (the default) also reads the structure's registration prior on the target slice as a location map. A model without memory (LiteMedSAM,
 SAM ViT) decodes every prompted slice from its proxy prompt; SAM 2 gets proxy prompts on the `conditioning_frames`
 slices its decoder is most confident on, and propagates from them with its memory.
 
