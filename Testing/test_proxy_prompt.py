@@ -85,6 +85,55 @@ def test_network_shapes_and_gradients():
     assert NetConfig.from_tensors(config.to_tensors()) == config
 
 
+
+def test_prior_map_is_read_only_by_a_net_built_for_it():
+    """`NetConfig.prior_map`: the structure's registration prior is a fifth target map; a net without it (every
+    checkpoint written before it) has the old input widths and ignores a prior."""
+    from proxyprompt.generators.proxy_prompt_net import MAPS, NetConfig, ProxyPromptNet
+
+    torch.manual_seed(0)
+    target, references = torch.randn(256, 16, 16), torch.randn(2, 256, 16, 16)
+    foreground, background = torch.zeros(2, 16, 16), torch.zeros(2, 16, 16)
+    foreground[:, 4:9, 5:10] = 1.0
+    background[:, 0:3] = 1.0
+    here, there = torch.zeros(16, 16), torch.zeros(16, 16)
+    here[4:9, 5:10], there[10:14, 10:14] = 1.0, 1.0
+    reading = ProxyPromptNet(NetConfig(dim=32, prior_map=True)).eval()
+    assert reading.target_in[0].in_channels == 256 + MAPS + 1
+    with torch.no_grad():
+        first = reading(target, references, foreground, background, here)
+        second = reading(target, references, foreground, background, there)
+    assert not torch.allclose(first[0], second[0]) and not torch.allclose(first[1], second[1])
+    plain = ProxyPromptNet(NetConfig(dim=32)).eval()
+    assert plain.target_in[0].in_channels == 256 + MAPS
+    with torch.no_grad():
+        assert torch.equal(plain(target, references, foreground, background, here)[1],
+                           plain(target, references, foreground, background, there)[1])
+    tensors = NetConfig(prior_map=True).to_tensors()
+    assert NetConfig.from_tensors(tensors).prior_map is True
+    del tensors["config.prior_map"]  # a checkpoint from before the prior map
+    assert NetConfig.from_tensors(tensors).prior_map is False
+
+
+def test_training_registers_only_the_chosen_masks_of_the_other_cases(acdc):
+    """The prior a network is trained with comes from the other cases' chosen slices only (a sparse reference), so
+    training reads `max_masks` masks in all."""
+    from proxyprompt.cases import load_reference_case
+    from proxyprompt.frames import make_slice_stack
+    from proxyprompt.generators.proxy_prompt import chosen_slices_only
+
+    image, label = _files(acdc, ("patient001",))[0]
+    case = load_reference_case(image, label)
+    stack = make_slice_stack(case.image)
+    labels = stack.labels(case.label)
+    holding = [n for n in range(labels.shape[0]) if labels[n].any()]
+    keep = [holding[1], holding[-2]]
+    sparse = chosen_slices_only(case, stack, keep)
+    assert sparse.annotated_slices == tuple(sorted(keep))
+    masked = stack.labels(sparse.label)
+    assert [n for n in range(masked.shape[0]) if masked[n].any()] == sorted(keep)
+    np.testing.assert_array_equal(masked[keep], labels[keep])
+
 def test_vision_mamba_block_is_bidirectional():
     from proxyprompt.generators.mamba import VisionMambaBlock
 
@@ -170,6 +219,7 @@ def test_checkpoint_round_trip_and_refusal_of_another_model(trained, random_sam2
     assert meta.label_names == {1: "right ventricle", 2: "myocardium", 3: "left ventricle"}
     assert len(meta.training_data_sha256) == 64
     assert int(tensors["training.step"]) == 30
+    assert int(tensors["config.prior_map"]) == 1  # the default: the network reads the registration prior
     net = ProxyPromptGenerator._net_from_tensors(tensors)
     for name, value in net.state_dict().items():
         assert torch.equal(value, tensors[f"net.{name}"])
@@ -193,6 +243,7 @@ def test_inference_with_a_reference_it_never_saw(trained, small_cases):
     result = engine.segment([reference], target, generator="proxy-prompt", options={"generator_checkpoint": str(path)})
     assert result.label.same_grid(target) and result.info["generator"] == "proxy-prompt"
     assert any("proxy-prompt: weights" in note for note in result.info["notes"])
+    assert any("reads each structure's registration prior" in note for note in result.info["notes"])
     calls = result.info["encoder_calls"]
     again = engine.segment([reference], target, generator="proxy-prompt",
                            options={"generator_checkpoint": str(path)})

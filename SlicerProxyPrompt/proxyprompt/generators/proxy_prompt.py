@@ -5,7 +5,8 @@ Per target slice and structure: (i) the `reference_top_k` reference slices holdi
 embeddings are closest to the target slice's are selected; the network (`proxy_prompt_net.ProxyPromptNet`: selective
 maps + Vision Mamba, dual-reverse cross-attention) turns them and the target's features into N sparse prompt tokens
 and a dense prompt. Only the slices of each structure's registered slice range (+- `slice_range_margin`) are
-prompted, and the output is bounded to it (`slice_range` 'all': every slice). A model without memory (LiteMedSAM,
+prompted, and the output is bounded to it (`slice_range` 'all': every slice). A network trained with `prior_map`
+'registration' (the default) also reads the structure's registration prior on the target slice as a location map. A model without memory (LiteMedSAM,
 SAM ViT) decodes every prompted slice from its proxy prompt; SAM 2 gets proxy prompts on the `conditioning_frames`
 slices its decoder is most confident on, and propagates from them with its memory.
 
@@ -23,12 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..contract import ObjectPrompt, PromptEmbedding, PromptPlan
+from ..contract import ObjectPrompt, PromptEmbedding, PromptPlan, ReferenceCase
 from ..errors import InputError
 from ..frames import make_slice_stack
 from ..options import Options, option
 from ..progress import check_cancel, report
-from .base import Generator, register_generator
+from .base import Generator, GeneratorContext, register_generator
 from .checkpoints import TrainedWeights, TrainingJob, find_generator_checkpoint, load_generator_checkpoint
 from .registration import RegistrationGenerator
 
@@ -59,6 +60,11 @@ class ProxyPromptOptions(Options):
                               choices=("registration", "all"))
     slice_range_margin: int = option(1, "proxy-prompt: slices added on each side of the registered slice range",
                                      int, minimum=0)
+    prior_map: str = option("registration", "proxy-prompt training: 'registration' trains a network that also reads "
+                                            "each structure's registration prior on the target slice (registered "
+                                            "from the other training cases' chosen slices); 'none' one that does "
+                                            "not. At inference the checkpoint says which", str,
+                            choices=("registration", "none"))
 
 
 # ---------------------------------------------------------------- slices on the feature grid
@@ -66,7 +72,8 @@ class ProxyPromptOptions(Options):
 class EncodedSlices:
     """Slices of one case on the model's feature grid: features [n, C, h, w] (torch), pooled [n, C] (unit),
     per label: mask fraction per cell [n, h, w], background ring [n, h, w], mask on the decoder's logit grid
-    [n, 4h, 4w]; `valid_fine` [4h, 4w] cells covering the frame; `entry`: the model's feature-cache entry."""
+    [n, 4h, 4w]; `valid_fine` [4h, 4w] cells covering the frame; `grid`: the FeatureGrid; `entry`: the model's
+    feature-cache entry."""
 
     features: object
     pooled: object
@@ -74,6 +81,7 @@ class EncodedSlices:
     rings: Dict[int, object]
     fine: Dict[int, object]
     valid_fine: object
+    grid: object = None
     entry: object = None
 
 
@@ -110,7 +118,36 @@ def encode_slices(model, stack, indices: Sequence[int], labels: Sequence[int], l
             masks[value] = torch.from_numpy(np.stack([grid.mask_to_grid(m) for m in binary]))
             rings[value] = _ring(masks[value], valid)
             fine[value] = torch.from_numpy(np.stack([fine_grid.mask_to_grid(m) for m in binary]))
-    return EncodedSlices(features, pooled, masks, rings, fine, valid_fine)
+    return EncodedSlices(features, pooled, masks, rings, fine, valid_fine, grid)
+
+
+def prior_on_grid(grid, prior_nhw: np.ndarray):
+    """A soft prior [n, H, W] on the frames -> [n, h, w] float32 torch on the feature grid (fraction by area)."""
+    import torch
+
+    return torch.from_numpy(np.stack([grid.mask_to_grid(np.asarray(p, dtype=np.float32)) for p in prior_nhw]))
+
+
+def registration_priors(target: ReferenceCase, target_stack, references: Sequence[ReferenceCase], labels,
+                        model, cancel=None) -> Dict[int, np.ndarray]:
+    """label -> [N, H, W] float32: the registration generator's prior of `target` from `references` (what
+    inference gets from its reference case), on the target's frames."""
+    context = GeneratorContext(list(references), target.image, target_stack, list(labels), model, cancel=cancel)
+    plan = RegistrationGenerator.plan_with_method(context, None)
+    shape = target_stack.images.shape
+    return {value: (np.asarray(plan.objects[value].prior, dtype=np.float32)
+                    if value in plan.objects and plan.objects[value].prior is not None
+                    else np.zeros(shape, np.float32)) for value in labels}
+
+
+def chosen_slices_only(reference: ReferenceCase, stack, slices: Sequence[int]) -> ReferenceCase:
+    """The case as a sparse reference that holds only `slices` (stack indices) annotated: training registers the
+    other cases' chosen masks and nothing more, so the network is trained on `max_masks` masks in all."""
+    labels = stack.labels(reference.label)
+    keep = np.zeros(labels.shape[0], dtype=bool)
+    keep[list(slices)] = True
+    masked = np.where(keep[:, None, None], labels, 0).astype(labels.dtype)
+    return replace(reference, label=stack.to_volume(masked), annotated_slices=tuple(int(n) for n in sorted(slices)))
 
 
 def select_references(target_pooled, candidates_pooled, top_k: int):
@@ -206,7 +243,13 @@ class ProxyPromptGenerator(Generator):
         references = self._reference_slices(context, options)
         objects: Dict[int, ObjectPrompt] = {}
         notes = [f"proxy-prompt: weights {path} (trained on {meta.num_masks} masks for {meta.model})"]
-        ranges = self._slice_ranges(context, options, notes)
+        reads_prior = bool(net.config.prior_map)
+        prior = None
+        if options.slice_range == "registration" or reads_prior:
+            prior = RegistrationGenerator.plan_with_method(context, None)
+        ranges = self._slice_ranges(context, options, notes, prior)
+        if reads_prior:
+            notes.append("proxy-prompt: the network reads each structure's registration prior")
         total = frames.num_slices * len(context.labels)
         report(context.progress, "proxy-prompt", 0, total)
         done = 0
@@ -220,6 +263,9 @@ class ProxyPromptGenerator(Generator):
                 continue
             pooled = torch.stack([references[c].pooled[i] for c, i in candidates])
             embeddings: Dict[int, PromptEmbedding] = {}
+            prior_maps = None
+            if reads_prior and value in prior.objects and prior.objects[value].prior is not None:
+                prior_maps = prior_on_grid(target.grid, prior.objects[value].prior)
             first, last = ranges.get(value) or (0, frames.num_slices - 1)
             for frame in range(frames.num_slices):
                 check_cancel(context.cancel)
@@ -229,7 +275,8 @@ class ProxyPromptGenerator(Generator):
                 chosen = [candidates[j] for j in select_references(target.pooled[frame], pooled,
                                                                    options.reference_top_k).tolist()]
                 with torch.no_grad():
-                    sparse, dense = self._forward(net, target.features[frame], references, chosen, value, model)
+                    sparse, dense = self._forward(net, target.features[frame], references, chosen, value, model,
+                                                  None if prior_maps is None else prior_maps[frame])
                 embeddings[frame] = PromptEmbedding(sparse.float().cpu().numpy(),
                                                     None if dense is None else dense.float().cpu().numpy())
                 done += 1
@@ -240,7 +287,7 @@ class ProxyPromptGenerator(Generator):
         return PromptPlan(objects, notes=notes)
 
     @staticmethod
-    def _slice_ranges(context, options, notes: List[str]) -> Dict[int, Tuple[int, int]]:
+    def _slice_ranges(context, options, notes: List[str], prior: Optional[PromptPlan]) -> Dict[int, Tuple[int, int]]:
         """label -> (first, last) target slice given proxy prompts (and bounding the output): with slice_range
         'registration', the slices the registration generator's prior spans, widened by slice_range_margin; a
         structure the prior misses keeps every slice. Why: a model without memory decodes every prompted slice, and
@@ -248,9 +295,8 @@ class ProxyPromptGenerator(Generator):
         false positives on every slice outside the structure's extent, the anterior/posterior split being a
         position along the slice axis more than an edge), while the registration's 3D search places a structure's
         extent well (registration alone: 0.79 mean Dice on the hippocampus)."""
-        if options.slice_range == "all":
+        if options.slice_range == "all" or prior is None:
             return {}
-        prior = RegistrationGenerator.plan_with_method(context, None)
         last_frame = context.target_frames.num_slices - 1
         ranges = {}
         for value in context.labels:
@@ -265,16 +311,17 @@ class ProxyPromptGenerator(Generator):
         return ranges
 
     @staticmethod
-    def _forward(net, target_chw, references, chosen, value: int, model):
+    def _forward(net, target_chw, references, chosen, value: int, model, prior_hw=None):
         """The network on one target slice for one label; `references[case]` are EncodedSlices, `chosen` (case,
-        row) pairs."""
+        row) pairs; `prior_hw` the structure's prior on the target's feature grid (read by a `prior_map` net)."""
         device = model.device
         features = [references[c].features[i] for c, i in chosen]
         import torch
 
         return net(target_chw.to(device), torch.stack(features).to(device),
                    torch.stack([references[c].masks[value][i] for c, i in chosen]).to(device),
-                   torch.stack([references[c].rings[value][i] for c, i in chosen]).to(device))
+                   torch.stack([references[c].rings[value][i] for c, i in chosen]).to(device),
+                   None if prior_hw is None else prior_hw.to(device))
 
     def _reference_slices(self, context, options) -> List[EncodedSlices]:
         """Each reference case's slices holding any requested label (at most `max_reference_slices`, evenly spaced;
@@ -345,10 +392,28 @@ class ProxyPromptGenerator(Generator):
             slot.update({(case, i): row for row, i in enumerate(indices)})
             report(progress, "encode", sum(1 for c, _ in chosen if c <= case), len(chosen))
 
+        options = self.Options.parse(options, f"generator '{self.name}'")
         if job.resume is not None:
             net = self._net_from_tensors(job.resume)
         else:
-            net = ProxyPromptNet(NetConfig())
+            net = ProxyPromptNet(NetConfig(prior_map=options.prior_map == "registration" and len(cases) > 1))
+        # (target case, prior case) -> label -> [chosen slices of the target case, h, w]: the registration prior of
+        # the target case's chosen slices from the other case's chosen slices
+        priors: Dict[Tuple[int, int], Dict[int, object]] = {}
+        if net.config.prior_map:
+            sparse_cases = {case: chosen_slices_only(references[case], stacks[case],
+                                                     [i for c, i in chosen if c == case]) for case in cases}
+            for case in cases:
+                rows = [i for c, i in chosen if c == case]
+                for other in cases:
+                    if other == case:
+                        continue
+                    check_cancel(cancel)
+                    registered = registration_priors(references[case], stacks[case], [sparse_cases[other]], labels,
+                                                     model, cancel)
+                    priors[(case, other)] = {v: prior_on_grid(cases[case].grid, registered[v][rows])
+                                             for v in labels}
+                report(progress, "register", len(priors), len(cases) * (len(cases) - 1))
         net = net.to(model.device).train()
         optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
         start = 0
@@ -374,6 +439,10 @@ class ProxyPromptGenerator(Generator):
                     continue
                 row = slot[(case, index)]
                 target = cases[case]
+                prior_case = None
+                if priors:  # the prior of one other case, as inference gets it from its one reference
+                    others = sorted({c for c, _ in pool})
+                    prior_case = others[int(rng.integers(len(others)))]
                 with autocast(model.device, job.precision):
                     sparse, dense = [], []
                     for value in present:
@@ -382,7 +451,8 @@ class ProxyPromptGenerator(Generator):
                         pooled = torch.stack([cases[c].pooled[r] for c, r in candidates])
                         picked = [candidates[j] for j in select_references(target.pooled[row], pooled,
                                                                            int(rng.integers(1, 5))).tolist()]
-                        s, d = self._forward(net, target.features[row], cases, picked, value, model)
+                        prior_hw = None if prior_case is None else priors[(case, prior_case)][value][row]
+                        s, d = self._forward(net, target.features[row], cases, picked, value, model, prior_hw)
                         sparse.append(s)
                         dense.append(d)
                     dense_b = None if dense[0] is None else torch.stack(dense)

@@ -13,6 +13,10 @@ per reference foreground cell, its relevance to the target (best cosine over tar
 selected context tokens of all references gives the contextual embedding. (Step (i), top-k reference selection by
 pooled-embedding similarity, is a choice of inputs: `select_references` in generators/proxy_prompt.py.)
 
+With `NetConfig.prior_map` (ours, not the paper's) the structure's registration prior on the target slice is a fifth
+target map beside the four relevance maps: where the registered reference puts it (measured on the hippocampus: without
+it, the anterior / posterior hippocampus, alike in features and told apart by position, were confused).
+
 CCM, dual-reverse cross-attention: context -> target attention (what of the target matches the context) and a
 reverse branch attending with negated similarity (what of the target least resembles it: the surroundings); their
 difference, mixed back into the context, amplifies what distinguishes the object; then target -> context attention
@@ -44,6 +48,13 @@ class NetConfig:
     prompt_tokens: int = 4  # N sparse prompt tokens
     mamba_state: int = 16
     dense: bool = True  # also give a dense prompt embedding
+    # the registration prior of the structure on the target slice as a fifth target map (where to look); False in
+    # checkpoints written before it existed, which load unchanged
+    prior_map: bool = False
+
+    @property
+    def target_maps(self) -> int:
+        return MAPS + int(self.prior_map)
 
     def to_tensors(self) -> dict:
         return {f"config.{k}": torch.tensor(int(v)) for k, v in asdict(self).items()}
@@ -118,7 +129,7 @@ class ProxyPromptNet(nn.Module):
         self.relevance_embed = nn.Linear(1, d)
         self.mamba = VisionMambaBlock(d, state=config.mamba_state)
         # CCM
-        self.target_in = nn.Sequential(nn.Conv2d(c + MAPS, d, 1), nn.GELU(), nn.Conv2d(d, d, 3, padding=1, groups=d))
+        self.target_in = nn.Sequential(nn.Conv2d(c + config.target_maps, d, 1), nn.GELU(), nn.Conv2d(d, d, 3, padding=1, groups=d))
         self.context_to_target = _Attention(d, config.heads)
         self.reverse_context_to_target = _Attention(d, config.heads)
         self.distinct = _Mlp(2 * d, 2 * d, d)
@@ -131,7 +142,7 @@ class ProxyPromptNet(nn.Module):
         self.query_to_target = _Attention(d, config.heads)
         self.sparse_out = _Mlp(d, 2 * d, PROMPT_EMBEDDING_DIM)
         if config.dense:
-            self.dense_out = nn.Sequential(nn.Conv2d(d + MAPS, d, 1), nn.GELU(), nn.Conv2d(d, PROMPT_EMBEDDING_DIM, 1))
+            self.dense_out = nn.Sequential(nn.Conv2d(d + config.target_maps, d, 1), nn.GELU(), nn.Conv2d(d, PROMPT_EMBEDDING_DIM, 1))
 
     # ---------------------------------------------------------------- CSM
     def selective_maps(self, target_chw, reference_kchw, foreground_khw, background_khw):
@@ -177,10 +188,15 @@ class ProxyPromptNet(nn.Module):
         return self.mamba(x[None])
 
     # ---------------------------------------------------------------- CCM
-    def forward(self, target_chw, reference_kchw, foreground_khw, background_khw):
-        """-> (sparse tokens [N, 256], dense [256, h, w] or None)."""
+    def forward(self, target_chw, reference_kchw, foreground_khw, background_khw, prior_hw=None):
+        """-> (sparse tokens [N, 256], dense [256, h, w] or None). `prior_hw`: the structure's registration prior on
+        the target slice, on the feature grid (fraction of each cell; read only when `config.prior_map`; None:
+        zeros, no prior)."""
         maps, tokens, kinds, relevance = self.selective_maps(target_chw, reference_kchw, foreground_khw,
                                                              background_khw)
+        if self.config.prior_map:
+            prior = torch.zeros_like(maps[0]) if prior_hw is None else prior_hw.to(maps.dtype).reshape(maps[0].shape)
+            maps = torch.cat([maps, prior[None]])
         context = self.contextual_embedding(tokens, kinds, relevance)  # [1, L, d]
         c, h, w = target_chw.shape
         target_map = self.target_in(torch.cat([target_chw, maps])[None])  # [1, d, h, w]
