@@ -10,6 +10,7 @@ from proxyprompt import metrics
 from proxyprompt.generators.base import GeneratorContext, ReferenceCase, get_generator
 from proxyprompt.frames import make_slice_stack
 from proxyprompt.generators.support_memory import resample_to_grid
+from proxyprompt.generators.registration import default_registration_method
 from proxyprompt.volume import read_image, read_label
 
 from conftest import crop_slices  # noqa: E402
@@ -260,7 +261,10 @@ def test_sam_family_falls_back_to_registration_when_no_slice_aligns(caplog):
     best = float(aligned.notes[-1].split("NCC ")[1].split(",")[0])
     with caplog.at_level("WARNING", logger="proxyprompt"):
         fallback = plan_with({"min_alignment_ncc": best + 0.05})
-    assert "registration generator" in fallback.notes[0] and fallback.notes[1].startswith("registration (deformable)")
+    # the fallback is the registration generator's prior for this model (a memory-less one: the intensity stage's)
+    method = default_registration_method(FakeModel("litemedsam"))
+    assert method == "intensity"
+    assert "registration generator" in fallback.notes[0] and fallback.notes[1].startswith(f"registration ({method})")
     assert any("registration generator" in record.message for record in caplog.records)
     for value, prompt in fallback.objects.items():
         assert prompt.prior is not None and prompt.prior.shape == (frames.num_slices, frames.height, frames.width)
